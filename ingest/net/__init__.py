@@ -1,0 +1,1 @@
+"""Wire protocol (sans-IO codec), endpoints and the client SDK."""

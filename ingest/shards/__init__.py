@@ -1,0 +1,1 @@
+"""Everything one worker owns: partitions, logs, segments, indexes, batch codec, kernels."""
