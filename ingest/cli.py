@@ -1,0 +1,238 @@
+"""The `ingest` command: serve, produce, consume, topics, status, check.
+
+Errors a user can cause end as one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DEFAULT_BOOTSTRAP = "tcp://127.0.0.1:7400"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 1 (or .exit_code)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---- serve -------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from ingest import config as config_mod
+    from ingest.supervisor import Supervisor
+
+    server = {"data_dir": args.data_dir, "bind": args.bind, "port": args.port,
+              "metrics_port": args.metrics_port,
+              "workers": None if args.workers is None else (0 if args.workers == "auto" else _int(args.workers, "--workers"))}
+    storage = {"flush_interval_ms": args.flush_interval_ms}
+    cfg = config_mod.load(args.config, {"server": server, "storage": storage})
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s supervisor %(levelname)s %(message)s")
+    return Supervisor(cfg).run()
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CliError(f"{flag} takes a number or 'auto', not {text!r}") from None
+
+
+# ---- produce / consume -------------------------------------------------------------------
+
+def cmd_produce(args) -> int:
+    from ingest import Producer
+
+    acks = args.acks
+    stream = open(args.file, "rb") if args.file else sys.stdin.buffer
+    futures = []
+    key = args.key.encode() if args.key is not None else None
+    with Producer(args.bootstrap, acks=acks) as producer:
+        for line in stream:
+            futures.append(producer.send(args.topic, line.rstrip(b"\r\n"), key=key))
+        producer.flush()
+        failed = 0
+        first_error = None
+        for f in futures:
+            try:
+                f.result(timeout=args.timeout_ms / 1000)
+            except Exception as e:  # each failure is counted, the first one shown
+                failed += 1
+                first_error = first_error or e
+    if stream is not sys.stdin.buffer:
+        stream.close()
+    acked = len(futures) - failed
+    word = "sent" if acks in ("0", 0) else "acked"
+    print(f"{acked} records {word}" + (f", {failed} failed: {first_error}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_consume(args) -> int:
+    import orjson
+
+    from ingest import Consumer
+
+    partitions = [args.partition] if args.partition is not None else None
+    out = sys.stdout.buffer
+    count = 0
+    with Consumer(args.bootstrap, args.topic, group=args.group, from_beginning=args.from_beginning,
+                  partitions=partitions) as consumer:
+        if args.offset is not None:
+            if args.partition is None:
+                raise CliError("--offset needs --partition")
+            consumer.seek(args.partition, args.offset)
+        for record in consumer.records(idle_timeout_ms=args.idle_timeout_ms):
+            if args.format == "json":
+                out.write(orjson.dumps(_record_json(record)) + b"\n")
+            else:
+                out.write((record.value or b"") + b"\n")
+            count += 1
+            if args.max_records and count >= args.max_records:
+                break
+        out.flush()
+        if args.group:
+            consumer.commit()
+    return 0
+
+
+def _record_json(r) -> dict:
+    def text(b):
+        if b is None:
+            return None
+        try:
+            return bytes(b).decode()
+        except UnicodeDecodeError:
+            return bytes(b).hex()
+
+    return {"topic": r.topic, "partition": r.partition, "offset": r.offset, "timestamp_ms": r.timestamp_ms,
+            "key": text(r.key), "value": text(r.value), "headers": {k: text(v) for k, v in r.headers}}
+
+
+# ---- topics / status / check -------------------------------------------------------------
+
+def cmd_topics(args) -> int:
+    import orjson
+
+    from ingest.net.client import BootstrapClient
+
+    with BootstrapClient(args.bootstrap) as client:
+        if args.action == "create":
+            if not args.topic:
+                raise CliError("topics create needs a topic name")
+            doc = client.create_topic(args.topic, args.partitions)
+            t = doc["topics"][args.topic]
+            print(f"topic {args.topic}: {t['partitions']} partitions" + ("" if doc.get("created", True) else " (exists)"))
+            return 0
+        topics = client.metadata()["topics"]
+        if args.action == "list":
+            for name, t in topics.items():
+                print(f"{name}\t{t['partitions']}")
+            return 0
+        if args.topic not in topics:
+            raise CliError(f"topic {args.topic!r} does not exist")
+        print(orjson.dumps({args.topic: topics[args.topic]}, option=orjson.OPT_INDENT_2).decode())
+        return 0
+
+
+def cmd_status(args) -> int:
+    import orjson
+
+    from ingest.net.client import BootstrapClient
+
+    with BootstrapClient(args.bootstrap) as client:
+        meta = client.metadata()
+    if args.json:
+        print(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"appliance {meta['appliance_id']}  bootstrap {args.bootstrap}  metrics {meta.get('metrics')}")
+    for w in meta["workers"]:
+        state = "up" if w["up"] else "DOWN"
+        print(f"  worker {w['id']}  {state:4}  pid {w['pid']}  push {w['pull']}  requests {w['router']}  restarts {w['restarts']}")
+    for name, t in meta["topics"].items():
+        raw = f"  raw port {t['raw_port']}" if t.get("raw_port") else ""
+        print(f"  topic {name}  {t['partitions']} partitions{raw}")
+    return 0 if all(w["up"] for w in meta["workers"]) else 1
+
+
+def cmd_check(args) -> int:
+    from ingest.shards import check
+
+    return check.main([args.data_dir])
+
+
+# ---- parser ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ingest", description="IoT telemetry ingestion appliance")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the appliance (supervisor + one worker per core)")
+    s.add_argument("--config", help="TOML config file (optional; defaults are embedded)")
+    s.add_argument("--data-dir")
+    s.add_argument("--workers", help="number of workers or 'auto' (usable cores)")
+    s.add_argument("--bind", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="bootstrap port (default 7400); workers use the ports after it")
+    s.add_argument("--metrics-port", type=int, help="HTTP port for /metrics, /healthz, /readyz (default 9740)")
+    s.add_argument("--flush-interval-ms", type=int, help="group commit interval (default 5)")
+    s.set_defaults(func=cmd_serve)
+
+    pr = sub.add_parser("produce", help="send one record per input line")
+    pr.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    pr.add_argument("--topic", required=True)
+    pr.add_argument("--key")
+    pr.add_argument("--acks", default="fsync", choices=["0", "1", "fsync", "all"])
+    pr.add_argument("--file", help="read lines from this file instead of stdin")
+    pr.add_argument("--timeout-ms", type=int, default=120_000, help="how long to wait for all acks")
+    pr.set_defaults(func=cmd_produce)
+
+    c = sub.add_parser("consume", help="print records, one per line")
+    c.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    c.add_argument("--topic", required=True)
+    c.add_argument("--from-beginning", action="store_true")
+    c.add_argument("--partition", type=int)
+    c.add_argument("--offset", type=int)
+    c.add_argument("--group")
+    c.add_argument("--max-records", type=int, default=0)
+    c.add_argument("--idle-timeout-ms", type=int, default=0, help="exit when no record came this long (0: never)")
+    c.add_argument("--format", choices=["value", "json"], default="value")
+    c.set_defaults(func=cmd_consume)
+
+    t = sub.add_parser("topics", help="list, create or describe topics")
+    t.add_argument("action", choices=["list", "create", "describe"])
+    t.add_argument("topic", nargs="?")
+    t.add_argument("--partitions", type=int)
+    t.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    t.set_defaults(func=cmd_topics)
+
+    st = sub.add_parser("status", help="workers, endpoints and topics of a running appliance")
+    st.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    ch = sub.add_parser("check", help="verify every segment of a data directory offline")
+    ch.add_argument("data_dir")
+    ch.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ingest.config import ConfigError
+    from ingest.net.errors import IngestError
+
+    try:
+        return args.func(args)
+    except (CliError, ConfigError, IngestError, OSError) as e:
+        print(f"ingest {args.command}: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

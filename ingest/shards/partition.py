@@ -1,0 +1,89 @@
+"""One partition as its worker sees it: the log, idempotent-producer state, group offsets.
+
+Contract of `append`: the returned offsets are assigned and the bytes are in the log
+(page cache); they are durable once `log.flushed_offset > last_offset` (group commit).
+A retried batch from an idempotent producer returns the offsets of the stored original
+and stores nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ingest.shards import batch as batch_codec
+from ingest.shards.group_offsets import GroupOffsets
+from ingest.shards.log import Log, LogConfig
+from ingest.shards.producer_state import ProducerState
+
+log = logging.getLogger("ingest.partition")
+
+# How much log a producer-state rebuild reads per step.
+REBUILD_READ_BYTES = 4 << 20
+# Snapshot producer state at most this often; a crash rescans only what came after.
+PRODUCER_SNAPSHOT_INTERVAL_MS = 10_000
+
+
+def partition_dir(data_dir: Path, topic: str, partition: int) -> Path:
+    return Path(data_dir) / f"{topic}-{partition}"
+
+
+class Partition:
+    def __init__(self, data_dir: Path, topic: str, index: int, config: LogConfig, now_ms: int) -> None:
+        self.topic = topic
+        self.index = index
+        self.directory = partition_dir(data_dir, topic, index)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log = Log(self.directory, config)
+        self.groups = GroupOffsets(self.directory)
+        self.producers = self._load_producer_state(now_ms)
+        self._snapshot_ms = now_ms
+
+    def _load_producer_state(self, now_ms: int) -> ProducerState:
+        state, covered = ProducerState.load(self.directory)
+        end = self.log.log_end_offset
+        if covered > end:
+            # The log lost a torn tail the snapshot had seen: its newest entries may name
+            # offsets that no longer exist. Rebuild from the start of what is kept.
+            state.truncate_to(end)
+            covered = min(covered, end)
+        offset = max(covered, self.log.log_start_offset)
+        while offset < end:
+            chunk = self.log.read(offset, REBUILD_READ_BYTES)
+            if not chunk:
+                break
+            for _pos, header in batch_codec.iter_batches(chunk):
+                if header.last_offset < offset:
+                    continue
+                if header.producer_id >= 0:
+                    state.record(header.producer_id, header.producer_epoch, header.base_sequence,
+                                 header.base_sequence + header.last_offset_delta,
+                                 header.base_offset, header.last_offset, now_ms)
+                offset = header.last_offset + 1
+        return state
+
+    def append(self, batch, header, now_ms: int) -> tuple[int, int, bool]:
+        """Append a validated batch; returns (base_offset, last_offset, was_duplicate)."""
+        pid = header.producer_id
+        if pid >= 0:
+            last_seq = header.base_sequence + header.last_offset_delta
+            original = self.producers.check(pid, header.producer_epoch, header.base_sequence, last_seq)
+            if original is not None:
+                return original[0], original[1], True
+        base, last = self.log.append(batch)
+        if pid >= 0:
+            self.producers.record(pid, header.producer_epoch, header.base_sequence, last_seq, base, last, now_ms)
+        return base, last, False
+
+    def after_flush(self, now_ms: int) -> None:
+        """Snapshot producer state now and then; it covers everything below log end."""
+        if self.producers.producers and now_ms - self._snapshot_ms >= PRODUCER_SNAPSHOT_INTERVAL_MS:
+            self.producers.expire(now_ms)
+            self.producers.save(self.directory, self.log.log_end_offset)
+            self._snapshot_ms = now_ms
+
+    def close(self) -> None:
+        """Flush, snapshot producer state and mark the log cleanly shut down."""
+        self.log.flush()
+        self.producers.save(self.directory, self.log.log_end_offset)
+        self.log.close()

@@ -1,0 +1,340 @@
+"""A worker process: owns partitions p with p % workers == worker_id, one event loop.
+
+The loop (zmq.Poller) does, in order: intake from PULL sockets (single records are
+batched by a kernel, whole batches validated by a kernel), requests from the ROUTER
+(acked produce, fetch, offsets), group commit (one fdatasync per log per
+flush_interval_ms, then the acks=fsync replies it covers), long-poll fetches whose data
+arrived, heartbeats with a metrics snapshot to the supervisor.
+
+Nothing here is shared with another process: the worker alone opens its partitions' files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import orjson
+import zmq
+
+from ingest import config as config_mod
+from ingest.clock import mono_ms, now_ms
+from ingest.net import wire
+from ingest.net.errors import ErrorCode, IngestError, WireError
+from ingest.shards import batch as batch_codec
+from ingest.shards import kernels
+from ingest.shards import intake
+from ingest.shards.intake import RecordIntake
+from ingest.shards.partition import Partition
+from ingest.shards.probe import Probe
+from ingest.shards.requests import RequestHandler
+from ingest.topics import owner_of, raw_listener_of
+
+log = logging.getLogger("ingest.worker")
+
+# Frames taken from one socket per loop turn: large enough to amortise the per-turn cost
+# over thousands of records, small enough that one busy socket cannot starve the others
+# or delay a due fsync by more than a few milliseconds.
+PULL_FRAMES_PER_TURN = 4096
+ROUTER_REQUESTS_PER_TURN = 1024
+# Records from PUSH frames for a topic that is being created wait here, at most this many.
+UNKNOWN_TOPIC_PARKED_MAX = 100_000
+# Send buffer towards another worker (forwarded batches); beyond it records are dropped
+# and counted, as with any PUSH under overload.
+FORWARD_LINGER_MS = 1000
+
+
+class Worker:
+    def __init__(self, worker_id: int, incarnation: int, config, control_endpoint: str) -> None:
+        self.worker_id = worker_id
+        self.incarnation = incarnation
+        self.config = config
+        self.workers = config.worker_count
+        self.control_endpoint = control_endpoint
+        self.ctx = zmq.Context()
+        self.probe = Probe()
+        self.topics: dict[str, dict] = {}
+        self.partitions: dict[tuple[str, int], Partition] = {}
+        self.raw_sockets: dict[zmq.Socket, str] = {}
+        self.forward: dict[int, zmq.Socket] = {}
+        self.parked: dict[str, list[bytes]] = {}
+        self.parked_count = 0
+        self.disk_full = False
+        self.stopping = False
+        self.poller = zmq.Poller()
+        self.intake = RecordIntake(self)
+        self.requests = RequestHandler(self)
+        self._ppid = os.getppid()
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.control = self.ctx.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 1000)
+        self.control.connect(self.control_endpoint)
+        self._send_control({"t": "hello", "pid": os.getpid()})
+        while not self.topics:
+            if not self.control.poll(10_000):
+                raise SystemExit("worker: no topic table from the supervisor")
+            self._on_control()
+        intake.warm_up()
+        self._bind()
+        self._send_control({"t": "ready"})
+        log.info("worker %d ready: %d partitions", self.worker_id, len(self.partitions))
+
+    def _socket(self, kind: int, endpoint: str, rcvhwm: int) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, rcvhwm)
+        s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        s.bind(endpoint)
+        self.poller.register(s, zmq.POLLIN)
+        return s
+
+    def _bind(self) -> None:
+        limits = self.config.limits
+        self.pull = self._socket(zmq.PULL, self.config.endpoint(self.config.worker_pull_port(self.worker_id)),
+                                 limits.pull_rcvhwm)
+        self.router = self._socket(zmq.ROUTER, self.config.endpoint(self.config.worker_router_port(self.worker_id)),
+                                   limits.router_rcvhwm)
+        self.poller.register(self.control, zmq.POLLIN)
+        self._bind_raw_listeners()
+
+    def _bind_raw_listeners(self) -> None:
+        bound = set(self.raw_sockets.values())
+        for name, t in self.topics.items():
+            if t.get("raw_port") and name not in bound and raw_listener_of(name, self.workers) == self.worker_id:
+                s = self._socket(zmq.PULL, self.config.endpoint(t["raw_port"]), self.config.limits.pull_rcvhwm)
+                self.raw_sockets[s] = name
+
+    def _open_partitions(self) -> None:
+        t = now_ms()
+        for name, topic in self.topics.items():
+            for p in range(self.worker_id, topic["partitions"], self.workers):
+                if (name, p) not in self.partitions:
+                    self.partitions[(name, p)] = Partition(
+                        self.config.server.data_dir, name, p, self.config.storage, t)
+
+    # ---- control channel ---------------------------------------------------------------
+
+    def _send_control(self, msg: dict) -> None:
+        msg |= {"worker": self.worker_id, "incarnation": self.incarnation}
+        self.control.send(orjson.dumps(msg))
+
+    def _on_control(self) -> None:
+        while True:
+            try:
+                msg = orjson.loads(self.control.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if msg["t"] == "topics":
+                self.topics = msg["topics"]
+                self._open_partitions()
+                if hasattr(self, "pull"):
+                    self._bind_raw_listeners()
+                self._release_parked()
+            elif msg["t"] == "shutdown":
+                self.stopping = True
+
+    def request_topic(self, topic: str) -> None:
+        self._send_control({"t": "create_topic", "topic": topic})
+
+    def park(self, topic: str, frame: bytes) -> None:
+        """Hold a PUSH record for a topic being created; drop and count past the bound."""
+        if self.parked_count >= UNKNOWN_TOPIC_PARKED_MAX:
+            self.probe.dropped("unknown_topic_backlog")
+            return
+        if topic not in self.parked:
+            self.request_topic(topic)
+        self.parked.setdefault(topic, []).append(frame)
+        self.parked_count += 1
+
+    def _release_parked(self) -> None:
+        ready = [t for t in self.parked if t in self.topics]
+        for topic in ready:
+            frames = self.parked.pop(topic)
+            self.parked_count -= len(frames)
+            self.intake.on_frames(frames, mono_ms(), now_ms())
+
+    # ---- ownership and forwarding ------------------------------------------------------
+
+    def owns(self, partition: int) -> bool:
+        return owner_of(partition, self.workers) == self.worker_id
+
+    def forward_batch(self, topic: str, partition: int, batch: bytes, records: int) -> None:
+        """Hand a batch for a partition another worker owns to that worker's PULL."""
+        owner = owner_of(partition, self.workers)
+        sock = self.forward.get(owner)
+        if sock is None:
+            sock = self.forward[owner] = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, self.config.limits.forward_sndhwm)
+            sock.setsockopt(zmq.LINGER, FORWARD_LINGER_MS)
+            sock.connect(self.config.endpoint(self.config.worker_pull_port(owner)))
+        frame = wire.encode(wire.BatchMessage(topic=topic, partition=partition, batch=batch, acks=0))
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+            self.probe.count("forwarded_records_total", records)
+        except zmq.Again:
+            self.probe.dropped("forward_queue_full", records)
+
+    # ---- appends and group commit ------------------------------------------------------
+
+    def append(self, part: Partition, batch, header, t_ms: int) -> tuple[int, int, bool]:
+        """Append to a partition; maps disk errors to IngestError with a code."""
+        try:
+            result = part.append(batch, header, t_ms)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                if not self.disk_full:
+                    log.error("disk full while appending to %s-%d", part.topic, part.index)
+                self.disk_full = True
+                raise IngestError(ErrorCode.DISK_FULL, "no space left on the appliance's disk", part.index) from None
+            log.exception("I/O error appending to %s-%d", part.topic, part.index)
+            raise IngestError(ErrorCode.STORAGE_ERROR, str(e), part.index) from None
+        if self.disk_full:
+            log.info("disk has space again: appends resumed")
+            self.disk_full = False
+        if not result[2]:
+            self.probe.records_in(part.topic, header.last_offset_delta + 1, header.size_bytes)
+        return result
+
+    def flush_due_logs(self, force: bool = False) -> bool:
+        t = mono_ms()
+        flushed = False
+        for part in self.partitions.values():
+            if part.log.log_end_offset > part.log.flushed_offset and (force or part.log.flush_due(t)):
+                started = time.perf_counter()
+                try:
+                    part.log.flush()
+                except OSError as e:
+                    log.error("fsync of %s-%d failed: %s", part.topic, part.index, e)
+                    continue
+                self.probe.fsync(time.perf_counter() - started)
+                part.after_flush(now_ms())
+                flushed = True
+        return flushed
+
+    def next_flush_in_ms(self) -> int:
+        due = [part.log.flush_wait_ms(mono_ms()) for part in self.partitions.values()
+               if part.log.log_end_offset > part.log.flushed_offset]
+        return max(0, min(due)) if due else 100
+
+    # ---- loop --------------------------------------------------------------------------
+
+    def _drain_pull(self, sock: zmq.Socket, raw_topic: str | None) -> None:
+        frames = []
+        recv = sock.recv
+        try:
+            for _ in range(PULL_FRAMES_PER_TURN):
+                frames.append(recv(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        if frames:
+            if raw_topic is None:
+                self.intake.on_frames(frames, mono_ms(), now_ms())
+            else:
+                self.intake.on_raw_frames(raw_topic, frames, now_ms())
+
+    def _drain_router(self) -> None:
+        for _ in range(ROUTER_REQUESTS_PER_TURN):
+            try:
+                identity, frame = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except ValueError:
+                self.probe.invalid("multipart")
+                continue
+            self.requests.on_request(identity.bytes, frame)
+
+    def heartbeat(self) -> None:
+        gauges = []
+        for (topic, p), part in self.partitions.items():
+            labels = {"topic": topic, "partition": str(p)}
+            gauges.append(("log_start_offset", labels, part.log.log_start_offset))
+            gauges.append(("log_end_offset", labels, part.log.log_end_offset))
+            gauges.append(("log_flushed_offset", labels, part.log.flushed_offset))
+            gauges.append(("log_size_bytes", labels, part.log.size_bytes))
+        gauges.append(("disk_full", {"worker": str(self.worker_id)}, 1.0 if self.disk_full else 0.0))
+        gauges.append(("inflight_bytes", {"worker": str(self.worker_id)}, self.requests.inflight_bytes))
+        self._send_control({"t": "heartbeat", "metrics": self.probe.snapshot(gauges),
+                            "status": {"disk_full": self.disk_full, "partitions": len(self.partitions)}})
+
+    def run(self) -> None:
+        self.start()
+        heartbeat_ms = self.config.server.heartbeat_interval_ms
+        next_heartbeat = 0
+        while not self.stopping:
+            timeout = min(self.next_flush_in_ms(), self.requests.next_deadline_in_ms(mono_ms()), heartbeat_ms)
+            events = dict(self.poller.poll(timeout))
+            if self.pull in events:
+                self._drain_pull(self.pull, None)
+            for sock, topic in self.raw_sockets.items():
+                if sock in events:
+                    self._drain_pull(sock, topic)
+            if self.router in events:
+                self._drain_router()
+            if self.control in events:
+                self._on_control()
+            if self.flush_due_logs():
+                self.requests.release_durable_acks()
+            self.requests.serve_waiting(mono_ms())
+            t = mono_ms()
+            if t >= next_heartbeat:
+                self.heartbeat()
+                next_heartbeat = t + heartbeat_ms
+                if os.getppid() != self._ppid:
+                    log.error("supervisor is gone: draining")
+                    self.stopping = True
+                self._apply_retention()
+        self.drain()
+
+    def _apply_retention(self) -> None:
+        for part in self.partitions.values():
+            part.log.apply_retention(now_ms())
+
+    def drain(self) -> None:
+        """Stop intake, take what is queued, fsync, answer, mark clean, exit."""
+        for sock in [self.pull, *self.raw_sockets]:
+            self.poller.unregister(sock)
+            self._drain_pull(sock, self.raw_sockets.get(sock))
+            sock.close(linger=0)
+        self._drain_router()
+        self.flush_due_logs(force=True)
+        self.requests.release_durable_acks()
+        self.requests.fail_waiting(ErrorCode.SHUTTING_DOWN)
+        for part in self.partitions.values():
+            part.close()
+        for sock in self.forward.values():
+            sock.close()
+        self.router.close(linger=200)
+        self.control.close()
+        self.ctx.term()
+        log.info("worker %d drained", self.worker_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ingest-worker")
+    parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--incarnation", type=int, default=1)
+    parser.add_argument("--control", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s worker-{args.worker_id} %(levelname)s %(message)s")
+    config = config_mod.from_dict(orjson.loads(os.environ["INGEST_CONFIG_JSON"]))
+    worker = Worker(args.worker_id, args.incarnation, config, args.control)
+    # The supervisor's shutdown message is the normal path; SIGTERM (systemd KillMode=mixed
+    # sends it to the main process only) or a lone kill also drains.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which drains us
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
