@@ -222,11 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import zmq
+
     from ingest.config import ConfigError
     from ingest.net.errors import IngestError
 
     try:
         return args.func(args)
+    except zmq.ZMQError as e:
+        print(f"ingest {args.command}: {e} (is another appliance using these ports?)", file=sys.stderr)
+        return 1
     except (CliError, ConfigError, IngestError, OSError) as e:
         print(f"ingest {args.command}: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)

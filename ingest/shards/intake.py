@@ -23,7 +23,7 @@ from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.shards import batch as batch_codec
 from ingest.shards import kernels
-from ingest.shards.kernels import _varint_size, _write_varint, _zigzag, partition_for_key
+from ingest.shards.kernels import _write_varint, _zigzag, partition_for_key
 
 log = logging.getLogger("ingest.intake")
 

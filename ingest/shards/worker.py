@@ -12,27 +12,25 @@ Nothing here is shared with another process: the worker alone opens its partitio
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
 import sys
 import time
 
-import numpy as np
 import orjson
 import zmq
 
 from ingest import config as config_mod
 from ingest.clock import mono_ms, now_ms
+from ingest.errors import DiskFullError, InvalidBatchError, RecordBatchTooLargeError
 from ingest.net import wire
-from ingest.net.errors import ErrorCode, IngestError, WireError
-from ingest.shards import batch as batch_codec
-from ingest.shards import kernels
+from ingest.net.errors import ErrorCode, IngestError
 from ingest.shards import intake
 from ingest.shards.intake import RecordIntake
 from ingest.shards.partition import Partition
 from ingest.shards.probe import Probe
+from ingest.shards.producer_state import InvalidProducerEpochError, OutOfOrderSequenceError
 from ingest.shards.requests import RequestHandler
 from ingest.topics import owner_of, raw_listener_of
 
@@ -59,7 +57,7 @@ class Worker:
         self.control_endpoint = control_endpoint
         self.ctx = zmq.Context()
         self.probe = Probe()
-        self.topics: dict[str, dict] = {}
+        self.topics: dict[str, dict] | None = None  # None until the supervisor sends the table
         self.partitions: dict[tuple[str, int], Partition] = {}
         self.raw_sockets: dict[zmq.Socket, str] = {}
         self.forward: dict[int, zmq.Socket] = {}
@@ -79,7 +77,7 @@ class Worker:
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.connect(self.control_endpoint)
         self._send_control({"t": "hello", "pid": os.getpid()})
-        while not self.topics:
+        while self.topics is None:
             if not self.control.poll(10_000):
                 raise SystemExit("worker: no topic table from the supervisor")
             self._on_control()
@@ -186,16 +184,25 @@ class Worker:
     # ---- appends and group commit ------------------------------------------------------
 
     def append(self, part: Partition, batch, header, t_ms: int) -> tuple[int, int, bool]:
-        """Append to a partition; maps disk errors to IngestError with a code."""
+        """Append to a partition; maps refusals and disk errors to IngestError codes."""
         try:
             result = part.append(batch, header, t_ms)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                if not self.disk_full:
-                    log.error("disk full while appending to %s-%d", part.topic, part.index)
-                self.disk_full = True
-                raise IngestError(ErrorCode.DISK_FULL, "no space left on the appliance's disk", part.index) from None
-            log.exception("I/O error appending to %s-%d", part.topic, part.index)
+        except RecordBatchTooLargeError as e:
+            self.probe.invalid("too_large")
+            raise IngestError(ErrorCode.MESSAGE_TOO_LARGE, str(e), part.index) from None
+        except InvalidBatchError as e:
+            self.probe.invalid(e.reason)
+            raise IngestError(ErrorCode.CORRUPT_MESSAGE, str(e), part.index) from None
+        except (OutOfOrderSequenceError, InvalidProducerEpochError) as e:
+            code = ErrorCode.OUT_OF_ORDER_SEQUENCE if isinstance(e, OutOfOrderSequenceError) else ErrorCode.INVALID_PRODUCER_EPOCH
+            raise IngestError(code, str(e), part.index) from None
+        except DiskFullError:
+            if not self.disk_full:
+                log.error("disk full while appending to %s-%d", part.topic, part.index)
+            self.disk_full = True
+            raise IngestError(ErrorCode.DISK_FULL, "no space left on the appliance's disk", part.index) from None
+        except OSError as e:  # StorageError, LogOfflineError
+            log.error("I/O error appending to %s-%d: %s", part.topic, part.index, e)
             raise IngestError(ErrorCode.STORAGE_ERROR, str(e), part.index) from None
         if self.disk_full:
             log.info("disk has space again: appends resumed")
