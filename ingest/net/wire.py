@@ -124,7 +124,7 @@ EARLIEST_TIMESTAMP = -2  # LIST_OFFSETS: the log start offset (Kafka's value)
 LATEST_TIMESTAMP = -1    # LIST_OFFSETS: the log end offset (Kafka's value)
 NO_OFFSET = -1           # replies: no such offset / nothing committed
 
-# The fixed part of every other message, header included (field order in PROTOCOL.md).
+# The fixed part of each message, header included (field order in PROTOCOL.md).
 _HEADER = struct.Struct("<BBHI")
 _RECORD = struct.Struct("<BBHIBBHiqi")
 _BATCH = struct.Struct("<BBHIBBHi")
@@ -631,6 +631,10 @@ class ProduceReply:
     durability: int
     correlation_id: int = 0
 
+    @property
+    def msg_type(self) -> int:
+        return self.request_type | REPLY_BIT
+
     def encode(self) -> bytes:
         if self.request_type not in (MsgType.RECORD, MsgType.BATCH):
             raise _invalid(f"a PRODUCE reply answers RECORD or BATCH, not {self.request_type!r}")
@@ -781,6 +785,10 @@ class ErrorReply:
     partition: int = -1
     correlation_id: int = 0
 
+    @property
+    def msg_type(self) -> int:
+        return self.request_type | REPLY_BIT
+
     def encode(self) -> bytes:
         raw = _check_error_reply(self.request_type, self.error_code, self.message,
                                  self.partition)
@@ -884,7 +892,14 @@ def decode_reply(frame: Buffer) -> Reply:
     decoder = _REPLY_DECODERS.get(msg_type & ~REPLY_BIT)
     if decoder is None:
         raise _corrupt(f"unknown reply type 0x{msg_type:02x}")
-    return decoder(view)
+    try:
+        return decoder(view)
+    except WireError as error:
+        if error.code != ErrorCode.INVALID_REQUEST:
+            raise
+        # The checks are shared with the encoders, which speak of requests; a bad value in
+        # a reply is the appliance's fault, not something the client should "fix".
+        raise _corrupt(f"malformed reply: {error.message}") from None
 
 
 def _decode_record(view: memoryview) -> RecordMessage:
