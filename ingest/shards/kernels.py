@@ -64,6 +64,7 @@ ENC_ERR_SLICE = -2  # an offset/length pair points outside its buffer, or arrays
 ENC_ERR_TIMESTAMP = -3  # a timestamp below -1 (Kafka's NO_TIMESTAMP is the only negative allowed)
 ENC_ERR_EMPTY = -4  # a batch holds at least one record
 ENC_ERR_TOO_LARGE = -5  # batchLength would not fit Kafka's int32 field
+ENC_ERR_HEADERS = -6  # a pre-encoded header region does not parse as Kafka headers
 
 # batchLength counts the bytes after the field itself, so the smallest batch has this many.
 BATCH_LENGTH_MIN = RECORD_BATCH_OVERHEAD - LOG_OVERHEAD
@@ -215,6 +216,30 @@ def _load_u64(typingctx, buf, index):
     return sig, codegen
 
 
+@intrinsic
+def _borrowed(typingctx, array):
+    """The same array view without its owner reference.
+
+    numba brackets every call that passes an owned array with atomic reference-count
+    updates, which cost more than parsing a small record; a borrowed view (null meminfo,
+    as numba.carray makes) skips them. Only for use inside a kernel whose caller holds
+    the array for the whole call; never return it.
+    """
+    if not isinstance(array, types.Array):
+        return None
+    sig = array(array)
+
+    def codegen(context, builder, signature, args):
+        source = context.make_array(signature.args[0])(context, builder, args[0])
+        view = context.make_array(signature.return_type)(context, builder)
+        cgutils.copy_struct(view, source)
+        view.meminfo = cgutils.get_null_value(view.meminfo.type)
+        view.parent = cgutils.get_null_value(view.parent.type)
+        return view._getvalue()
+
+    return sig, codegen
+
+
 @njit(cache=True)
 def _crc_shift(table, c):
     """Raw CRC state `c` advanced over the zero block `table` was built for."""
@@ -343,8 +368,18 @@ def _varint_size(zigzagged):
     """Bytes of the base-128 encoding of a zigzagged value (unsigned 64-bit pattern)."""
     if zigzagged < 0:  # top bit set: the full 10 bytes
         return VARLONG_BYTES_MAX
-    size = 1
-    while zigzagged >= 0x80:
+    # Predictable comparisons, not a loop: this runs several times per encoded record.
+    if zigzagged < (1 << 7):
+        return 1
+    if zigzagged < (1 << 14):
+        return 2
+    if zigzagged < (1 << 21):
+        return 3
+    if zigzagged < (1 << 28):
+        return 4
+    size = 5
+    zigzagged >>= 35
+    while zigzagged > 0:
         zigzagged >>= 7
         size += 1
     return size
@@ -411,6 +446,7 @@ def validate_records(buf, p, end, records_count, last_offset_delta):
         return ERR_RECORDS
     if records_count > (end - p) // RECORD_MIN_BYTES:
         return ERR_RECORDS
+    buf = _borrowed(buf)
     for i in range(records_count):
         length, p = _read_varint(buf, p, end, VARINT_BYTES_MAX)
         if p < 0 or length < RECORD_MIN_BYTES - 1 or length > end - p:
@@ -525,3 +561,293 @@ def murmur2(buf, start, end):
 def partition_for_key(buf, start, end, num_partitions):
     """Kafka's default partition for a non-null key: toPositive(murmur2(key)) % n."""
     return (np.int64(murmur2(buf, start, end)) & 0x7FFFFFFF) % num_partitions
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding many records into one batch in one call.
+
+
+@njit(cache=True)
+def _field_bytes(length):
+    """Bytes a nullable length-prefixed field takes (length -1: null, one byte)."""
+    return 1 if length < 0 else _varint_size(_zigzag(length)) + length
+
+
+@njit(cache=True)
+def _slice_ok(offset, length, size, nullable):
+    """True if (offset, length) lies inside a buffer of `size` bytes (-1 = null if nullable)."""
+    if length < 0:
+        return length == -1 and nullable
+    return offset >= 0 and offset <= size - length
+
+
+@intrinsic
+def _memcpy(typingctx, out, out_index, src, src_index, length):
+    """out[out_index:][:length] = src[src_index:][:length] as one llvm.memcpy, unchecked
+    (a byte loop is ~10x slower: LLVM cannot prove the arrays do not overlap). A length of
+    0 is a no-op."""
+    for array in (out, src):
+        if not (isinstance(array, types.Array) and array.dtype == types.uint8 and array.layout == "C"):
+            return None
+    sig = types.void(out, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        out_array = context.make_array(signature.args[0])(context, builder, args[0])
+        src_array = context.make_array(signature.args[2])(context, builder, args[2])
+        dst = builder.gep(out_array.data, [args[1]])
+        source = builder.gep(src_array.data, [args[3]])
+        cgutils.raw_memcpy(builder, dst, source, args[4], 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _headers_ok(buf, p, end):
+    """True if buf[p:end] is a headersCount varint and exactly that many headers."""
+    count, p = _read_varint(buf, p, end, VARINT_BYTES_MAX)
+    if p < 0 or count < 0:
+        return False
+    for _ in range(count):
+        p = _skip_bytes_field(buf, p, end, False)
+        if p < 0:
+            return False
+        p = _skip_bytes_field(buf, p, end, True)
+        if p < 0:
+            return False
+    return p == end
+
+
+@njit(cache=True)
+def _record_body_bytes(timestamp_zz, offset_zz, key_length, value_length, header_length):
+    """Bytes of a record after its length varint (header_length 0: one headersCount byte)."""
+    return (1 + _varint_size(timestamp_zz) + _varint_size(offset_zz) + _field_bytes(key_length)
+            + _field_bytes(value_length) + max(header_length, 1))
+
+
+@njit(cache=True)
+def _write_batch_header(out, pos, end, records_count, base_offset, timestamp_min_ms,
+                        timestamp_max_ms, producer_id, producer_epoch, base_sequence,
+                        partition_leader_epoch):
+    """Fill the 61-byte header of the records already at out[pos+61:end], CRC last."""
+    _write_be(out, pos, base_offset, 8)
+    _write_be(out, pos + LENGTH_OFFSET, end - pos - LOG_OVERHEAD, 4)
+    _write_be(out, pos + PARTITION_LEADER_EPOCH_OFFSET, partition_leader_epoch, 4)
+    out[pos + MAGIC_OFFSET] = MAGIC_V2
+    _write_be(out, pos + ATTRIBUTES_OFFSET, 0, 2)  # uncompressed, CreateTime, not transactional
+    _write_be(out, pos + LAST_OFFSET_DELTA_OFFSET, records_count - 1, 4)
+    _write_be(out, pos + BASE_TIMESTAMP_OFFSET, timestamp_min_ms, 8)
+    _write_be(out, pos + MAX_TIMESTAMP_OFFSET, timestamp_max_ms, 8)
+    _write_be(out, pos + PRODUCER_ID_OFFSET, producer_id, 8)
+    _write_be(out, pos + PRODUCER_EPOCH_OFFSET, producer_epoch, 2)
+    _write_be(out, pos + BASE_SEQUENCE_OFFSET, base_sequence, 4)
+    _write_be(out, pos + RECORDS_COUNT_OFFSET, records_count, 4)
+    _write_be(out, pos + CRC_OFFSET, crc32c(out, pos + ATTRIBUTES_OFFSET, end, 0), 4)
+
+
+@njit(cache=True)
+def _slices_ok(offsets, lengths, size, nullable):
+    """True if every (offset, length) pair lies inside a buffer of `size` bytes."""
+    for i in range(lengths.size):
+        if not _slice_ok(offsets[i], lengths[i], size, nullable):
+            return False
+    return True
+
+
+@njit(cache=True)
+def _encode_inputs_error(values_buf, value_offsets, value_lengths, keys_buf, key_offsets,
+                         key_lengths, timestamps_ms, headers_buf, header_offsets, header_lengths):
+    """0 if the per-record arrays agree in size, point inside their buffers, headers parse
+    and timestamps are Kafka-valid; else the ENC_ERR_* code. Checked in a pass of its own
+    so the writing loop stays branch-light."""
+    n = timestamps_ms.size
+    if n == 0:
+        return ENC_ERR_EMPTY
+    if value_offsets.size != n or value_lengths.size != n:
+        return ENC_ERR_SLICE
+    if key_offsets.size != n or key_lengths.size != n:
+        return ENC_ERR_SLICE
+    if header_lengths.size != 0 and (header_lengths.size != n or header_offsets.size != n):
+        return ENC_ERR_SLICE
+    if not (_slices_ok(value_offsets, value_lengths, values_buf.size, True)
+            and _slices_ok(key_offsets, key_lengths, keys_buf.size, True)
+            and _slices_ok(header_offsets, header_lengths, headers_buf.size, False)):
+        return ENC_ERR_SLICE
+    for i in range(header_lengths.size):
+        at = header_offsets[i]
+        if header_lengths[i] != 0 and not _headers_ok(headers_buf, at, at + header_lengths[i]):
+            return ENC_ERR_HEADERS
+    if timestamps_ms.min() < NO_TIMESTAMP:
+        return ENC_ERR_TIMESTAMP
+    return 0
+
+
+@njit(cache=True)
+def encode_records(values_buf, value_offsets, value_lengths, keys_buf, key_offsets, key_lengths,
+                   timestamps_ms, headers_buf, header_offsets, header_lengths, base_offset,
+                   producer_id, producer_epoch, base_sequence, partition_leader_epoch, out, out_pos):
+    """Encode records i = 0..n-1 as one uncompressed batch at out[out_pos:]; returns its end.
+
+    Record i is values_buf[value_offsets[i]:][:value_lengths[i]] (length -1: null), likewise
+    its key; its headers are header_lengths[i] pre-encoded bytes from the headersCount varint
+    on (0: no headers; empty header arrays: no record has headers). Offsets are assigned by
+    position (delta i); baseTimestamp is the smallest timestamp. Returns a negative ENC_ERR_*
+    code, having written nothing meaningful, if the inputs are invalid or out is too small.
+    """
+    code = _encode_inputs_error(values_buf, value_offsets, value_lengths, keys_buf, key_offsets,
+                                key_lengths, timestamps_ms, headers_buf, header_offsets,
+                                header_lengths)
+    if code != 0:
+        return code
+    if out_pos < 0 or out.size - out_pos < RECORD_BATCH_OVERHEAD:
+        return ENC_ERR_OUT_TOO_SMALL
+    timestamp_min_ms = timestamps_ms.min()
+    has_headers = header_lengths.size != 0
+    p = out_pos + RECORDS_OFFSET
+    # One loop body, no calls taking several arrays: numba brackets such calls with atomic
+    # reference counting, which would cost more than the record itself.
+    for i in range(timestamps_ms.size):
+        timestamp_zz = _zigzag(timestamps_ms[i] - timestamp_min_ms)
+        key_length, value_length = key_lengths[i], value_lengths[i]
+        header_length = header_lengths[i] if has_headers else 0
+        body_bytes = _record_body_bytes(timestamp_zz, _zigzag(i), key_length, value_length, header_length)
+        if p + VARINT_BYTES_MAX + body_bytes > out.size:
+            return ENC_ERR_OUT_TOO_SMALL
+        p = _write_varint(out, p, _zigzag(body_bytes))
+        out[p] = 0  # record attributes: unused by Kafka
+        p = _write_varint(out, p + 1, timestamp_zz)
+        p = _write_varint(out, p, _zigzag(i))
+        p = _write_varint(out, p, _zigzag(key_length))
+        _memcpy(out, p, keys_buf, key_offsets[i], max(key_length, 0))
+        p = _write_varint(out, p + max(key_length, 0), _zigzag(value_length))
+        _memcpy(out, p, values_buf, value_offsets[i], max(value_length, 0))
+        p += max(value_length, 0)
+        if header_length == 0:
+            out[p] = 0  # headersCount 0
+            p += 1
+        else:
+            _memcpy(out, p, headers_buf, header_offsets[i], header_length)
+            p += header_length
+    if p - out_pos - LOG_OVERHEAD > BATCH_LENGTH_MAX:
+        return ENC_ERR_TOO_LARGE
+    _write_batch_header(out, out_pos, p, timestamps_ms.size, base_offset, timestamp_min_ms,
+                        timestamps_ms.max(), producer_id, producer_epoch, base_sequence,
+                        partition_leader_epoch)
+    return p
+
+
+@njit(cache=True)
+def encoded_size_upper_bound(value_lengths, key_lengths, header_lengths):
+    """Bytes that always suffice for encode_records over these records."""
+    total = RECORD_BATCH_OVERHEAD + value_lengths.size * RECORD_OVERHEAD_BYTES_MAX
+    for i in range(value_lengths.size):
+        total += max(value_lengths[i], 0) + max(key_lengths[i], 0)
+    for i in range(header_lengths.size):
+        total += max(header_lengths[i], 0)
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding records into columns (positions into the same buffer, no copies).
+
+# Rows of the int64 `columns` array filled by decode_records / decode_columns_into.
+COL_OFFSET = 0
+COL_TIMESTAMP_MS = 1
+COL_KEY_OFFSET = 2
+COL_KEY_LENGTH = 3  # -1: null key
+COL_VALUE_OFFSET = 4
+COL_VALUE_LENGTH = 5  # -1: null value
+COL_HEADER_OFFSET = 6  # from the headersCount varint on, as encode_records takes them
+COL_HEADER_LENGTH = 7  # 0: no headers
+COLUMNS = 8
+
+
+@njit(cache=True)
+def _decode_record(buf, p, columns, row, base_offset, base_timestamp_ms, log_append_time,
+                   max_timestamp_ms):
+    """Fill columns[:, row] from the validated record at buf[p]; returns the next position."""
+    length, p = _read_varint(buf, p, buf.size, VARINT_BYTES_MAX)
+    record_end = p + length
+    timestamp_delta, p = _read_varint(buf, p + 1, record_end, VARLONG_BYTES_MAX)
+    offset_delta, p = _read_varint(buf, p, record_end, VARINT_BYTES_MAX)
+    key_length, p = _read_varint(buf, p, record_end, VARINT_BYTES_MAX)
+    columns[COL_KEY_OFFSET, row] = p
+    columns[COL_KEY_LENGTH, row] = key_length
+    value_length, p = _read_varint(buf, p + max(key_length, 0), record_end, VARINT_BYTES_MAX)
+    columns[COL_VALUE_OFFSET, row] = p
+    columns[COL_VALUE_LENGTH, row] = value_length
+    p += max(value_length, 0)
+    headers_count, _ = _read_varint(buf, p, record_end, VARINT_BYTES_MAX)
+    columns[COL_HEADER_OFFSET, row] = p
+    columns[COL_HEADER_LENGTH, row] = record_end - p if headers_count > 0 else 0
+    columns[COL_OFFSET, row] = base_offset + offset_delta
+    if log_append_time:
+        columns[COL_TIMESTAMP_MS, row] = max_timestamp_ms
+    else:
+        columns[COL_TIMESTAMP_MS, row] = base_timestamp_ms + timestamp_delta
+    return record_end
+
+
+@njit(cache=True)
+def decode_records(buf, p, records_count, base_offset, base_timestamp_ms, log_append_time,
+                   max_timestamp_ms, columns, row):
+    """Fill columns[:, row:row+records_count] from records at buf[p] that validate_records
+    accepted. In a LogAppendTime batch every record's timestamp is the batch's
+    maxTimestamp, as in Kafka. Returns the position after the records."""
+    buf = _borrowed(buf)
+    columns = _borrowed(columns)
+    for i in range(records_count):
+        p = _decode_record(buf, p, columns, row + i, base_offset, base_timestamp_ms,
+                           log_append_time, max_timestamp_ms)
+    return p
+
+
+@njit(cache=True)
+def count_records(buf, start, end):
+    """Upper bound on the records of the complete batches in buf[start:end], from their
+    headers only (each count capped by what the batch's bytes could hold)."""
+    end = min(end, buf.size)
+    total = 0
+    pos = start
+    while end - pos >= RECORD_BATCH_OVERHEAD:
+        batch_length = _read_i32(buf, pos + LENGTH_OFFSET)
+        if batch_length < BATCH_LENGTH_MIN or batch_length > end - pos - LOG_OVERHEAD:
+            break
+        records_count = _read_i32(buf, pos + RECORDS_COUNT_OFFSET)
+        total += max(0, min(records_count, (batch_length - BATCH_LENGTH_MIN) // RECORD_MIN_BYTES))
+        pos += LOG_OVERHEAD + batch_length
+    return total
+
+
+@njit(cache=True)
+def decode_columns_into(buf, start, end, max_batch_bytes, columns):
+    """Validate and decode consecutive uncompressed batches from `start` into columns.
+
+    Returns (n_records, bytes_consumed, error_code). Stops with OK at end, at a partial
+    batch at the tail (a fetch response may end with one; it is not an error), or before a
+    batch whose records do not fit the columns. Any other invalid batch stops with its code,
+    bytes_consumed pointing at it; a compressed batch stops with ERR_COMPRESSION.
+    """
+    end = min(end, buf.size)
+    capacity = columns.shape[1]
+    row = 0
+    pos = start
+    while pos < end:
+        code = validate_batch(buf, pos, end, max_batch_bytes)
+        if code == ERR_SHORT:
+            break
+        if code != OK:
+            return row, pos - start, code
+        attributes = _read_i16(buf, pos + ATTRIBUTES_OFFSET)
+        if attributes & COMPRESSION_CODEC_MASK != 0:
+            return row, pos - start, ERR_COMPRESSION
+        records_count = _read_i32(buf, pos + RECORDS_COUNT_OFFSET)
+        if row + records_count > capacity:
+            break
+        decode_records(buf, pos + RECORDS_OFFSET, records_count, _read_i64(buf, pos),
+                       _read_i64(buf, pos + BASE_TIMESTAMP_OFFSET),
+                       attributes & TIMESTAMP_TYPE_MASK != 0,
+                       _read_i64(buf, pos + MAX_TIMESTAMP_OFFSET), columns, row)
+        row += records_count
+        pos += LOG_OVERHEAD + _read_i32(buf, pos + LENGTH_OFFSET)
+    return row, pos - start, OK
