@@ -13,7 +13,6 @@ flushed_offset is fdatasynced; everything below log_end_offset is in the page ca
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.errors import (
+    DiskFullError,
     InvalidBatchError,
     InvalidConfigError,
     LogOfflineError,
@@ -381,14 +381,13 @@ class Log:
         last_offset_delta, max_timestamp_ms = self._check_batch(view)
         base_offset = self.log_end_offset
         last_offset = base_offset + last_offset_delta
-        if self._should_roll(len(view), last_offset, max_timestamp_ms):
-            self._roll()
         try:
+            if self._should_roll(len(view), last_offset, max_timestamp_ms):
+                self._roll()
             self.active.append(view, base_offset, last_offset, max_timestamp_ms,
                                partition_leader_epoch)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                self.probe.disk_full_total += 1
+        except DiskFullError:
+            self.probe.disk_full_total += 1
             raise
         self._unflushed_bytes += len(view)
         if self._first_unflushed_ms is None:
