@@ -450,6 +450,6 @@ def decode_columns(buf, max_batch_bytes: int = READ_BATCH_BYTES_MAX) -> Columns:
             f"batch at byte {consumed} is compressed (codec {codec}): decode it with decode_batch")
     if code != kernels.OK:
         raise CorruptBatchError(f"batch at byte {consumed} is invalid: {kernels.ERROR_NAMES[code]}")
-    assert consumed == buf.size or count == columns.shape[1] or code == kernels.OK
+    assert 0 <= count <= columns.shape[1] and 0 <= consumed <= buf.size, (count, consumed)
     rows = columns[:, :count]
     return Columns(buf, *(rows[i] for i in range(kernels.COLUMNS)), bytes_consumed=consumed)

@@ -691,8 +691,9 @@ def encode_records(values_buf, value_offsets, value_lengths, keys_buf, key_offse
     Record i is values_buf[value_offsets[i]:][:value_lengths[i]] (length -1: null), likewise
     its key; its headers are header_lengths[i] pre-encoded bytes from the headersCount varint
     on (0: no headers; empty header arrays: no record has headers). Offsets are assigned by
-    position (delta i); baseTimestamp is the smallest timestamp. Returns a negative ENC_ERR_*
-    code, having written nothing meaningful, if the inputs are invalid or out is too small.
+    position (delta i); baseTimestamp is the smallest timestamp. `out` must not overlap any
+    input. Returns a negative ENC_ERR_* code, having written nothing meaningful, if the
+    inputs are invalid or out is too small (encoded_size_upper_bound always suffices).
     """
     code = _encode_inputs_error(values_buf, value_offsets, value_lengths, keys_buf, key_offsets,
                                 key_lengths, timestamps_ms, headers_buf, header_offsets,
