@@ -193,9 +193,11 @@ def _parse_one(buf, p, end, names, name_starts, name_ends, partitions, max_recor
     if max(key_len, 0) + max(value_len, 0) + (q - hdr_start) > max_record_bytes:
         rows[i, C_STATUS] = ROW_TOO_LARGE
         return hdr_start
-    timestamp = _le_signed(buf, p + _TS, 8) if flags & _FLAG_HAS_TIMESTAMP else now_ms
-    if timestamp < 0:
-        return hdr_start
+    timestamp = _le_signed(buf, p + _TS, 8)
+    if timestamp < 0 or (timestamp != 0 and not flags & _FLAG_HAS_TIMESTAMP):
+        return hdr_start  # the spec: timestamp_ms is 0 unless its flag says it is set
+    if not flags & _FLAG_HAS_TIMESTAMP:
+        timestamp = now_ms
     rows[i, C_STATUS] = topic
     if topic < 0:
         return hdr_start

@@ -1,0 +1,164 @@
+"""Running a real appliance in tests: `ingest serve` as a subprocess on free loopback ports,
+and a minimal raw client (one DEALER, the wire codec, nothing else)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import zmq
+
+from ingest.net import wire
+
+READY_TIMEOUT_S = 60  # a cold numba cache compiles every kernel once (~10 s on 2 cores)
+PORTS_PER_APPLIANCE = 40
+
+
+def free_port_block(size: int = PORTS_PER_APPLIANCE) -> int:
+    """A base port whose next `size` ports are all free on loopback (best effort)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + size >= 65000:
+            continue
+        if all(_port_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class Appliance:
+    """One `ingest serve` process group; `start()` returns once every worker is up."""
+
+    def __init__(self, data_dir: Path, workers: int = 2, config_text: str = "", env: dict | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.workers = workers
+        self.port = free_port_block()
+        self.metrics_port = self.port + PORTS_PER_APPLIANCE - 1
+        self.bootstrap = f"tcp://127.0.0.1:{self.port}"
+        self.config_text = config_text
+        self.env = env or {}
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-serve.log"
+        self.ctx = zmq.Context.instance()
+
+    def start(self, wait: bool = True) -> "Appliance":
+        argv = [sys.executable, "-m", "ingest.cli", "serve", "--data-dir", str(self.data_dir),
+                "--workers", str(self.workers), "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
+        if self.config_text:
+            config = self.data_dir.parent / f"{self.data_dir.name}.toml"
+            config.write_text(self.config_text)
+            argv += ["--config", str(config)]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, **self.env})
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ingest serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                meta = self.metadata(timeout_ms=500)
+                if all(w["up"] for w in meta["workers"]):
+                    return meta
+            except TimeoutError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"appliance not ready in {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def request(self, endpoint: str, message, timeout_ms: int = 5000):
+        """One request/reply on a fresh DEALER; returns the decoded reply."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        try:
+            sock.send(message if isinstance(message, bytes) else message.encode())
+            if not sock.poll(timeout_ms):
+                raise TimeoutError(f"no reply from {endpoint}")
+            return wire.decode_reply(sock.recv())
+        finally:
+            sock.close()
+
+    def metadata(self, timeout_ms: int = 5000) -> dict:
+        return self.request(self.bootstrap, wire.MetadataRequest(correlation_id=1), timeout_ms).document
+
+    def worker_endpoints(self, worker_id: int) -> tuple[str, str]:
+        """(push, requests) endpoints of a worker."""
+        return (f"tcp://127.0.0.1:{self.port + 1 + 2 * worker_id}",
+                f"tcp://127.0.0.1:{self.port + 2 + 2 * worker_id}")
+
+    def owner_router(self, partition: int) -> str:
+        return self.worker_endpoints(partition % self.workers)[1]
+
+    def worker_pids(self) -> dict[int, int]:
+        return {w["id"]: w["pid"] for w in self.metadata()["workers"]}
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def http_status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        """Signal the supervisor and wait; returns its exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """kill -9 of the whole process group: supervisor and every worker at once."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
