@@ -8,6 +8,7 @@ nothing to return waits (long poll) until data arrives or max_wait_ms passes.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -225,7 +226,11 @@ class RequestHandler:
     def _offset_commit(self, req) -> bytes:
         for partition, offset in req.offsets:
             part = self.partition(req.topic, partition)
-            part.groups.commit(req.group, offset)
+            try:
+                part.groups.commit(req.group, offset)
+            except OSError as e:
+                code = ErrorCode.DISK_FULL if e.errno == errno.ENOSPC else ErrorCode.STORAGE_ERROR
+                raise IngestError(code, f"committing offsets: {e}", partition) from None
         return wire.OffsetCommitReply(req.correlation_id).encode()
 
     def _offset_fetch(self, req) -> bytes:

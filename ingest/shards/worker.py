@@ -223,8 +223,11 @@ class Worker:
                     log.error("fsync of %s-%d failed: %s", part.topic, part.index, e)
                     continue
                 self.probe.fsync(time.perf_counter() - started)
-                part.after_flush(now_ms())
                 flushed = True
+                try:
+                    part.after_flush(now_ms())
+                except OSError as e:  # a producer-state snapshot is an optimisation: retry later
+                    log.warning("producer state snapshot of %s-%d failed: %s", part.topic, part.index, e)
         return flushed
 
     def next_flush_in_ms(self) -> int:
