@@ -42,7 +42,6 @@ from ingest.shards.layout import (
 )
 from ingest.shards.segment import (
     INDEX_SUFFIX,
-    LOG_SUFFIX,
     TIME_INDEX_SUFFIX,
     Problem,
     ScanResult,
@@ -225,14 +224,15 @@ class Log:
 
     def _list_segments(self) -> list[int]:
         """Base offsets of the .log files; drops index files without a .log (a deletion
-        interrupted after its first unlink) and leftover temporary files."""
+        interrupted after its first unlink) and a half-written recovery point. Files of
+        other modules in the directory are left alone."""
         names = os.listdir(self.directory)
         base_offsets = sorted(b for b in map(parse_segment_file_name, names) if b is not None)
         present = set(base_offsets)
         for name in names:
             index_of = {parse_segment_file_name(name, suffix)
                         for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX)} - {None}
-            if (index_of and not index_of <= present) or name.endswith(TMP_SUFFIX):
+            if (index_of and not index_of <= present) or name == RECOVERY_POINT_FILE + TMP_SUFFIX:
                 os.unlink(self.directory / name)
         return base_offsets
 
