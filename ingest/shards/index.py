@@ -23,6 +23,7 @@ from array import array
 from bisect import bisect_right
 
 import numpy as np
+from numba import njit
 
 # Kafka's RecordBatch.NO_TIMESTAMP: a time index entry needs a timestamp above it.
 NO_TIMESTAMP = -1
@@ -264,18 +265,26 @@ class TimeIndex(_IndexFile):
         return rows["timestamp"], rows["relative_offset"].astype(np.int64) + self.base_offset
 
 
+@njit(cache=True)
+def _indexed_rows(positions, index_interval_bytes, rows):
+    count = 0
+    last_indexed_position = 0
+    for row in range(positions.size):
+        if positions[row] - last_indexed_position > index_interval_bytes:
+            rows[count] = row
+            count += 1
+            last_indexed_position = positions[row]
+    return count
+
+
 def indexed_rows(positions: np.ndarray, index_interval_bytes: int) -> np.ndarray:
     """Rows of the batches (given by their positions, increasing) that get an index entry:
-    each is the first batch more than index_interval_bytes past the previous indexed one."""
-    rows = []
-    last_indexed_position = 0
-    while True:
-        row = int(np.searchsorted(positions, last_indexed_position + index_interval_bytes,
-                                  side="right"))
-        if row >= positions.size:
-            return np.asarray(rows, dtype=np.int64)
-        rows.append(row)
-        last_indexed_position = int(positions[row])
+    each is the first batch more than index_interval_bytes past the previous indexed one.
+    A numba loop: a segment of small batches has millions of rows to walk on recovery."""
+    rows = np.empty(positions.size, dtype=np.int64)
+    count = _indexed_rows(np.ascontiguousarray(positions, dtype=np.int64),
+                          np.int64(index_interval_bytes), rows)
+    return rows[:count]
 
 
 def time_index_entries(rows: np.ndarray, last_offsets: np.ndarray,
