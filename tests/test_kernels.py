@@ -286,3 +286,14 @@ def test_partition_for_key_follows_kafkas_default_partitioner():
             # kafka-python's DefaultPartitioner.partition, minus its cluster lookup.
             expected = (kafka_murmur2(key) & 0x7FFFFFFF) % num_partitions
             assert kernels.partition_for_key(as_array(key), 0, len(key), num_partitions) == expected
+
+
+# --- warm-up --------------------------------------------------------------------------
+
+
+def test_warm_up_compiles_the_kernels_for_read_only_and_writable_buffers():
+    kernels.warm_up()
+    for kernel in (kernels.validate_batch, kernels.scan_batches, kernels.encode_records,
+                   kernels.decode_columns_into, kernels.crc32c):
+        buffer_kinds = {signature[0].mutable for signature in kernel.signatures}
+        assert buffer_kinds == {True, False}, kernel.__name__

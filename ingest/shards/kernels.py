@@ -852,3 +852,32 @@ def decode_columns_into(buf, start, end, max_batch_bytes, columns):
         row += records_count
         pos += LOG_OVERHEAD + _read_i32(buf, pos + LENGTH_OFFSET)
     return row, pos - start, OK
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel for both buffer kinds the
+    appliance passes, read-only (bytes, zero-copy frames) and writable (bytearray, numpy,
+    mmap), so the first real batch does not pay seconds of compilation. Call before READY."""
+    raw_header = b"\x02\x02k\x02v"  # headersCount 1, key "k", value "v"
+    zero = np.zeros(1, dtype=np.int64)
+    for kind in (bytes, bytearray):  # numpy views of these are read-only and writable
+        data = np.frombuffer(kind(raw_header), dtype=np.uint8)
+        sizes = np.full(1, data.size, dtype=np.int64)
+        out = np.zeros(encoded_size_upper_bound(sizes, sizes, sizes), dtype=np.uint8)
+        end = encode_records(data, zero, sizes, data, zero, sizes, zero, data, zero, sizes,
+                             0, -1, -1, -1, -1, out, 0)
+        assert end > 0, end
+        batch = np.frombuffer(kind(out[:end]), dtype=np.uint8)
+        crc32c(batch, 0, batch.size)
+        crc32c_sw(batch, 0, batch.size, 0)
+        if HAS_SSE42:
+            crc32c_hw(batch, 0, batch.size, 0)
+        assert validate_batch(batch, 0, batch.size, BATCH_LENGTH_MAX) == OK
+        rows = [np.zeros(1, dtype=np.int64) for _ in range(5)]
+        scan_batches(batch, 0, batch.size, BATCH_LENGTH_MAX, *rows)
+        count_records(batch, 0, batch.size)
+        decode_columns_into(batch, 0, batch.size, BATCH_LENGTH_MAX, np.zeros((COLUMNS, 1), dtype=np.int64))
+        partition_for_key(data, 0, data.size, 1)
