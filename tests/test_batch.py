@@ -109,11 +109,13 @@ def test_bytes_equal_kafka_python_builder_when_timestamps_do_not_decrease():
     assert ours == kafka_python_build(records, producer=(7, 1, 42))
 
 
-def test_out_of_order_timestamps_take_the_smallest_as_base_and_keep_their_values():
-    records = [Record(0, t, None, b"x") for t in (5_000, 1_000, 9_000, -1, 2_000)]
-    header, decoded = decode_batch(encode_batch(records))
-    assert (header.base_timestamp_ms, header.max_timestamp_ms) == (-1, 9_000)
-    assert [r.timestamp_ms for r in decoded] == [5_000, 1_000, 9_000, -1, 2_000]
+def test_out_of_order_timestamps_take_the_first_as_base_like_kafka_and_keep_their_values():
+    records = [Record(0, t, None, b"x") for t in (5_000, 1_000, 9_000, 0, 2_000)]
+    ours = encode_batch(records, partition_leader_epoch=0)
+    header, decoded = decode_batch(ours)
+    assert (header.base_timestamp_ms, header.max_timestamp_ms) == (5_000, 9_000)
+    assert [r.timestamp_ms for r in decoded] == [5_000, 1_000, 9_000, 0, 2_000]
+    assert ours == kafka_python_build(records, producer=(-1, -1, -1))
 
 
 def test_batches_built_by_kafka_python_decode_with_ours_and_pass_validation():

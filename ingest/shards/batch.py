@@ -271,7 +271,7 @@ def encode_batch_py(records: Sequence[Record], base_offset=0, producer_id=-1, pr
     timestamps_ms = [r.timestamp_ms for r in records]
     if min(timestamps_ms) < kernels.NO_TIMESTAMP:
         raise ValueError(_ENCODE_ERRORS[kernels.ENC_ERR_TIMESTAMP])
-    base_timestamp_ms = min(timestamps_ms)
+    base_timestamp_ms = timestamps_ms[0]  # Kafka's choice: the first record's timestamp
     out = bytearray(RECORD_BATCH_OVERHEAD)
     for offset_delta, record in enumerate(records):
         body = bytearray(b"\x00")  # attributes

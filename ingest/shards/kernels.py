@@ -626,7 +626,7 @@ def _record_body_bytes(timestamp_zz, offset_zz, key_length, value_length, header
 
 
 @njit(cache=True)
-def _write_batch_header(out, pos, end, records_count, base_offset, timestamp_min_ms,
+def _write_batch_header(out, pos, end, records_count, base_offset, base_timestamp_ms,
                         timestamp_max_ms, producer_id, producer_epoch, base_sequence,
                         partition_leader_epoch):
     """Fill the 61-byte header of the records already at out[pos+61:end], CRC last."""
@@ -636,7 +636,7 @@ def _write_batch_header(out, pos, end, records_count, base_offset, timestamp_min
     out[pos + MAGIC_OFFSET] = MAGIC_V2
     _write_be(out, pos + ATTRIBUTES_OFFSET, 0, 2)  # uncompressed, CreateTime, not transactional
     _write_be(out, pos + LAST_OFFSET_DELTA_OFFSET, records_count - 1, 4)
-    _write_be(out, pos + BASE_TIMESTAMP_OFFSET, timestamp_min_ms, 8)
+    _write_be(out, pos + BASE_TIMESTAMP_OFFSET, base_timestamp_ms, 8)
     _write_be(out, pos + MAX_TIMESTAMP_OFFSET, timestamp_max_ms, 8)
     _write_be(out, pos + PRODUCER_ID_OFFSET, producer_id, 8)
     _write_be(out, pos + PRODUCER_EPOCH_OFFSET, producer_epoch, 2)
@@ -691,7 +691,7 @@ def encode_records(values_buf, value_offsets, value_lengths, keys_buf, key_offse
     Record i is values_buf[value_offsets[i]:][:value_lengths[i]] (length -1: null), likewise
     its key; its headers are header_lengths[i] pre-encoded bytes from the headersCount varint
     on (0: no headers; empty header arrays: no record has headers). Offsets are assigned by
-    position (delta i); baseTimestamp is the smallest timestamp. `out` must not overlap any
+    position (delta i); baseTimestamp is the first record's (as Kafka). `out` must not overlap any
     input. Returns a negative ENC_ERR_* code, having written nothing meaningful, if the
     inputs are invalid or out is too small (encoded_size_upper_bound always suffices).
     """
@@ -702,13 +702,15 @@ def encode_records(values_buf, value_offsets, value_lengths, keys_buf, key_offse
         return code
     if out_pos < 0 or out.size - out_pos < RECORD_BATCH_OVERHEAD:
         return ENC_ERR_OUT_TOO_SMALL
-    timestamp_min_ms = timestamps_ms.min()
+    # Kafka's MemoryRecordsBuilder takes the first record's timestamp as the base; deltas
+    # of later, older records are negative (the varlong is signed), and the bytes match Kafka's.
+    base_timestamp_ms = timestamps_ms[0]
     has_headers = header_lengths.size != 0
     p = out_pos + RECORDS_OFFSET
     # One loop body, no calls taking several arrays: numba brackets such calls with atomic
     # reference counting, which would cost more than the record itself.
     for i in range(timestamps_ms.size):
-        timestamp_zz = _zigzag(timestamps_ms[i] - timestamp_min_ms)
+        timestamp_zz = _zigzag(timestamps_ms[i] - base_timestamp_ms)
         key_length, value_length = key_lengths[i], value_lengths[i]
         header_length = header_lengths[i] if has_headers else 0
         body_bytes = _record_body_bytes(timestamp_zz, _zigzag(i), key_length, value_length, header_length)
@@ -731,7 +733,7 @@ def encode_records(values_buf, value_offsets, value_lengths, keys_buf, key_offse
             p += header_length
     if p - out_pos - LOG_OVERHEAD > BATCH_LENGTH_MAX:
         return ENC_ERR_TOO_LARGE
-    _write_batch_header(out, out_pos, p, timestamps_ms.size, base_offset, timestamp_min_ms,
+    _write_batch_header(out, out_pos, p, timestamps_ms.size, base_offset, base_timestamp_ms,
                         timestamps_ms.max(), producer_id, producer_epoch, base_sequence,
                         partition_leader_epoch)
     return p

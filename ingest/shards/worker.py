@@ -26,7 +26,7 @@ from ingest.clock import mono_ms, now_ms
 from ingest.errors import DiskFullError, InvalidBatchError, RecordBatchTooLargeError
 from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
-from ingest.shards import intake
+from ingest.shards import intake, kernels
 from ingest.shards.intake import RecordIntake
 from ingest.shards.partition import Partition
 from ingest.shards.probe import Probe
@@ -81,6 +81,7 @@ class Worker:
             if not self.control.poll(10_000):
                 raise SystemExit("worker: no topic table from the supervisor")
             self._on_control()
+        kernels.warm_up()
         intake.warm_up()
         self._bind()
         self._send_control({"t": "ready"})
