@@ -7,6 +7,7 @@ import struct
 import subprocess
 
 import pytest
+import zmq
 
 from ingest.errors import (
     DiskFullError,
@@ -304,3 +305,23 @@ def test_a_full_disk_loses_no_appended_batch_and_appends_resume_once_space_is_fr
 
 def split(data: bytes) -> list[bytes]:
     return [data[b.position:b.position + b.size] for b in parse_batches(data)]
+
+
+def test_a_zero_copy_zmq_frame_is_appended_from_its_own_buffer(tmp_path):
+    context = zmq.Context.instance()
+    sender, receiver = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        receiver.bind("inproc://log-append")
+        sender.connect("inproc://log-append")
+        batch = make_batch(count=20, value_bytes=2000)  # big enough for zero-copy transfer
+        sender.send(batch, copy=False)
+        frame = receiver.recv(copy=False)
+        log = Log(tmp_path / "t-0")
+        fill(log, 1)
+        base, last = log.append(frame)
+        assert last - base == 19
+        assert bytes(frame.buffer) == batch, "the frame's buffer was modified"
+        assert log.read(base, 1 << 20)[8:] == batch[8:]
+    finally:
+        sender.close(linger=0)
+        receiver.close(linger=0)

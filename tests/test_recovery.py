@@ -251,3 +251,17 @@ def test_flushed_records_survive_kill_9_of_the_appending_process(tmp_path):
     assert offsets == list(range(log.log_end_offset))
     assert_indexes_match_a_linear_scan(log)
     log.close()
+
+
+def test_lowering_max_batch_bytes_never_makes_recovery_cut_valid_batches(tmp_path):
+    log = Log(tmp_path / "src", LogConfig())
+    log.append(make_batch(count=1))
+    log.append(make_batch(count=3, value_bytes=3000))
+    log.append(make_batch(count=1))
+    log.flush()
+    end = log.log_end_offset
+    image = crash_image(tmp_path / "src")
+    recovered = Log(restore(image, tmp_path / "crash"), LogConfig(max_batch_bytes=4096))
+    assert recovered.recovered_by_scan and recovered.log_end_offset == end == 5
+    recovered.close()
+    log.close()

@@ -201,9 +201,7 @@ class Log:
     # ---- open and recovery -------------------------------------------------------------
 
     def _open(self) -> None:
-        if not self.directory.is_dir():
-            self.directory.mkdir(parents=True)
-            fsync_directory(self.directory.parent)
+        self.directory.mkdir(parents=True, exist_ok=True)
         base_offsets = self._list_segments()
         marker = self.directory / CLEAN_SHUTDOWN_FILE
         clean = marker.exists()
@@ -211,6 +209,9 @@ class Log:
             self._segments = [Segment.create(self.directory, 0, self.config.index_interval_bytes,
                                              wall_ms())]
             self._write_recovery_point(0)
+            # The partition directory itself may be new (whoever created it): make its
+            # entry in the data directory durable before anything in it is acknowledged.
+            fsync_directory(self.directory.parent)
         elif clean:
             self._load_trusted(base_offsets)
         else:
@@ -282,8 +283,10 @@ class Log:
         self._sync_after_recovery(recovery_point)
 
     def _scan(self, segment: Segment) -> ScanResult:
+        # Not config.max_batch_bytes: lowering that setting must never make recovery cut
+        # batches that were valid when they were appended.
         self.segments_scanned += 1
-        return segment.recover(self.config.max_batch_bytes)
+        return segment.recover(MAX_BATCH_BYTES_LIMIT)
 
     def _recover_sealed(self, segment: Segment, next_offset: int) -> None:
         """Rebuild a fsynced sealed segment's indexes; report any corrupt batch."""
@@ -543,7 +546,8 @@ class Log:
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """The first offset whose record timestamp is >= timestamp_ms, or None if every
-        record is older (Kafka's ListOffsets by time)."""
+        record is older (Kafka's ListOffsets by time). Kafka's special timestamps LATEST
+        (-1) and EARLIEST (-2) are the caller's: log_end_offset and log_start_offset."""
         self._check_online()
         for segment in self._segments:
             if segment.max_timestamp_ms >= timestamp_ms:
