@@ -145,6 +145,15 @@ class RequestHandler:
         self.inflight_bytes += size
         return None
 
+    def fail_pending(self, part, code: ErrorCode, message: str) -> None:
+        """Answer every ack waiting on `part` with an error (its log went offline)."""
+        error = IngestError(code, message, part.index)
+        for ack in self.pending:
+            if ack.part is part:
+                self._send(ack.identity, error_reply(ack, error))
+                self.inflight_bytes -= ack.size_bytes
+        self.pending = [ack for ack in self.pending if ack.part is not part]
+
     def release_durable_acks(self) -> None:
         """Answer every acks=fsync produce that the last group commit made durable."""
         if not self.pending:

@@ -43,9 +43,14 @@ PULL_FRAMES_PER_TURN = 4096
 ROUTER_REQUESTS_PER_TURN = 1024
 # Records from PUSH frames for a topic that is being created wait here, at most this many.
 UNKNOWN_TOPIC_PARKED_MAX = 100_000
-# Send buffer towards another worker (forwarded batches); beyond it records are dropped
-# and counted, as with any PUSH under overload.
+# How long a draining worker keeps trying to hand queued forwarded batches to their owner.
+# (While running, a full forward queue, [limits] forward_sndhwm, drops and counts.)
 FORWARD_LINGER_MS = 1000
+# Bytes taken from one PULL socket per loop turn: bounds the memory one turn holds when
+# frames are large (batches), where PULL_FRAMES_PER_TURN alone would allow gigabytes.
+PULL_BYTES_PER_TURN = 16 << 20
+# Poll timeout with nothing to flush and no fetch waiting: bounds how late a heartbeat is.
+IDLE_POLL_MS = 100
 
 
 class Worker:
@@ -65,6 +70,9 @@ class Worker:
         self.parked_count = 0
         self.disk_full = False
         self.stopping = False
+        self.exit_code = 0
+        # Partitions with appends not yet fsynced: the group commit looks at these only.
+        self.dirty: set[Partition] = set()
         self.poller = zmq.Poller()
         self.intake = RecordIntake(self)
         self.requests = RequestHandler(self)
@@ -209,41 +217,54 @@ class Worker:
             log.info("disk has space again: appends resumed")
             self.disk_full = False
         if not result[2]:
+            self.dirty.add(part)
             self.probe.records_in(part.topic, header.last_offset_delta + 1, header.size_bytes)
         return result
 
     def flush_due_logs(self, force: bool = False) -> bool:
+        """Group commit: one fdatasync per log whose policy says it is due."""
         t = mono_ms()
         flushed = False
-        for part in self.partitions.values():
-            if part.log.log_end_offset > part.log.flushed_offset and (force or part.log.flush_due(t)):
-                started = time.perf_counter()
-                try:
-                    part.log.flush()
-                except OSError as e:
-                    log.error("fsync of %s-%d failed: %s", part.topic, part.index, e)
-                    continue
-                self.probe.fsync(time.perf_counter() - started)
-                flushed = True
-                try:
-                    part.after_flush(now_ms())
-                except OSError as e:  # a producer-state snapshot is an optimisation: retry later
-                    log.warning("producer state snapshot of %s-%d failed: %s", part.topic, part.index, e)
+        for part in list(self.dirty):
+            if not (force or part.log.flush_due(t)):
+                continue
+            started = time.perf_counter()
+            try:
+                part.log.flush()
+            except OSError as e:
+                # After a failed fsync the kernel may have dropped dirty pages: only a
+                # restart (recovery scan) can tell what is on disk. Fail what waits on this
+                # log and let the supervisor restart the worker.
+                log.error("fsync of %s-%d failed: %s; restarting the worker", part.topic, part.index, e)
+                self.requests.fail_pending(part, ErrorCode.STORAGE_ERROR, str(e))
+                self.dirty.discard(part)
+                self.exit_code = 1
+                self.stopping = True
+                continue
+            self.probe.fsync(time.perf_counter() - started)
+            self.dirty.discard(part)
+            flushed = True
+            try:
+                part.after_flush(now_ms())
+            except OSError as e:  # a producer-state snapshot is an optimisation: retry later
+                log.warning("producer state snapshot of %s-%d failed: %s", part.topic, part.index, e)
         return flushed
 
     def next_flush_in_ms(self) -> int:
-        due = [part.log.flush_wait_ms(mono_ms()) for part in self.partitions.values()
-               if part.log.log_end_offset > part.log.flushed_offset]
-        return max(0, min(due)) if due else 100
+        t = mono_ms()
+        return min((part.log.flush_wait_ms(t) for part in self.dirty), default=IDLE_POLL_MS)
 
     # ---- loop --------------------------------------------------------------------------
 
     def _drain_pull(self, sock: zmq.Socket, raw_topic: str | None) -> None:
         frames = []
         recv = sock.recv
+        taken_bytes = 0
         try:
-            for _ in range(PULL_FRAMES_PER_TURN):
-                frames.append(recv(zmq.NOBLOCK))
+            while len(frames) < PULL_FRAMES_PER_TURN and taken_bytes < PULL_BYTES_PER_TURN:
+                frame = recv(zmq.NOBLOCK)
+                frames.append(frame)
+                taken_bytes += len(frame)
         except zmq.Again:
             pass
         if frames:
@@ -344,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which drains us
     worker.run()
-    return 0
+    return worker.exit_code
 
 
 if __name__ == "__main__":
