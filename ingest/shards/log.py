@@ -271,12 +271,12 @@ class Log:
         recovery_point = self._read_recovery_point()
         self._open_segments(base_offsets)
         i = 0
-        while i < len(self._segments):
+        while i < len(self._segments):  # _recover_tail may drop the segments after i
             segment = self._segments[i]
-            sealed = i + 1 < len(self._segments)
-            if segment.base_offset < recovery_point and sealed:
-                if not segment.load_indexes(base_offsets[i + 1]):
-                    self._recover_sealed(segment, base_offsets[i + 1])
+            if segment.base_offset < recovery_point and i + 1 < len(self._segments):
+                next_offset = self._segments[i + 1].base_offset
+                if not segment.load_indexes(next_offset):
+                    self._recover_sealed(segment, next_offset)
             else:
                 self._recover_tail(i)
             i += 1
