@@ -148,7 +148,7 @@ def _build(cls, table: dict, section: str):
         raise ConfigError(f"[{section}]: unknown key(s) {', '.join(unknown)}")
     try:
         return cls(**table)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError includes the storage's InvalidConfigError
         raise ConfigError(f"[{section}]: {e}") from None
 
 

@@ -23,7 +23,7 @@ from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.shards import batch as batch_codec
 from ingest.shards import kernels
-from ingest.shards.kernels import _write_varint, _zigzag, partition_for_key
+from ingest.shards.kernels import borrowed, partition_for_key, write_varint, zigzag
 
 log = logging.getLogger("ingest.intake")
 
@@ -129,7 +129,7 @@ def _convert_headers(buf, p, end, count, out, q):
 
     Returns (position after the wire headers, new out position), or (-1, q) if malformed.
     """
-    q = _write_varint(out, q, _zigzag(count))
+    q = write_varint(out, q, zigzag(count))
     for _ in range(count):
         if p + 2 > end:
             return -1, q
@@ -137,7 +137,7 @@ def _convert_headers(buf, p, end, count, out, q):
         p += 2
         if p + name_len + 4 > end or not _utf8_ok(buf, p, p + name_len):
             return -1, q
-        q = _write_varint(out, q, _zigzag(name_len))
+        q = write_varint(out, q, zigzag(name_len))
         for j in range(name_len):
             out[q + j] = buf[p + j]
         q += name_len
@@ -146,7 +146,7 @@ def _convert_headers(buf, p, end, count, out, q):
         p += 4
         if value_len < -1 or p + max(value_len, 0) > end:
             return -1, q
-        q = _write_varint(out, q, _zigzag(value_len))
+        q = write_varint(out, q, zigzag(value_len))
         for j in range(max(value_len, 0)):
             out[q + j] = buf[p + j]
         q += max(value_len, 0)
@@ -222,6 +222,10 @@ def _parse_one(buf, p, end, names, name_starts, name_ends, partitions, max_recor
 def parse_record_frames(buf, frame_ends, names, name_starts, name_ends, partitions,
                         max_record_bytes, now_ms, rows, hdr_out):
     """Parse every frame buf[frame_ends[i-1]:frame_ends[i]] into rows[i]; no I/O."""
+    # Borrowed views: no atomic reference counting around each per-frame call.
+    buf, frame_ends, rows, hdr_out = borrowed(buf), borrowed(frame_ends), borrowed(rows), borrowed(hdr_out)
+    names, name_starts, name_ends = borrowed(names), borrowed(name_starts), borrowed(name_ends)
+    partitions = borrowed(partitions)
     q = 0
     start = 0
     for i in range(frame_ends.size):

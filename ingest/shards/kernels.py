@@ -217,7 +217,7 @@ def _load_u64(typingctx, buf, index):
 
 
 @intrinsic
-def _borrowed(typingctx, array):
+def borrowed(typingctx, array):
     """The same array view without its owner reference.
 
     numba brackets every call that passes an owned array with atomic reference-count
@@ -359,7 +359,7 @@ def _read_varint(buf, p, limit, bytes_max):
 
 
 @njit(cache=True)
-def _zigzag(value):
+def zigzag(value):
     return (value << 1) ^ (value >> 63)
 
 
@@ -386,7 +386,7 @@ def _varint_size(zigzagged):
 
 
 @njit(cache=True)
-def _write_varint(out, p, zigzagged):
+def write_varint(out, p, zigzagged):
     """Write a zigzagged value base-128 at out[p]; returns the next position."""
     while zigzagged & ~0x7F != 0:
         out[p] = (zigzagged & 0x7F) | 0x80
@@ -446,7 +446,7 @@ def validate_records(buf, p, end, records_count, last_offset_delta):
         return ERR_RECORDS
     if records_count > (end - p) // RECORD_MIN_BYTES:
         return ERR_RECORDS
-    buf = _borrowed(buf)
+    buf = borrowed(buf)
     for i in range(records_count):
         length, p = _read_varint(buf, p, end, VARINT_BYTES_MAX)
         if p < 0 or length < RECORD_MIN_BYTES - 1 or length > end - p:
@@ -570,7 +570,7 @@ def partition_for_key(buf, start, end, num_partitions):
 @njit(cache=True)
 def _field_bytes(length):
     """Bytes a nullable length-prefixed field takes (length -1: null, one byte)."""
-    return 1 if length < 0 else _varint_size(_zigzag(length)) + length
+    return 1 if length < 0 else _varint_size(zigzag(length)) + length
 
 
 @njit(cache=True)
@@ -710,19 +710,19 @@ def encode_records(values_buf, value_offsets, value_lengths, keys_buf, key_offse
     # One loop body, no calls taking several arrays: numba brackets such calls with atomic
     # reference counting, which would cost more than the record itself.
     for i in range(timestamps_ms.size):
-        timestamp_zz = _zigzag(timestamps_ms[i] - base_timestamp_ms)
+        timestamp_zz = zigzag(timestamps_ms[i] - base_timestamp_ms)
         key_length, value_length = key_lengths[i], value_lengths[i]
         header_length = header_lengths[i] if has_headers else 0
-        body_bytes = _record_body_bytes(timestamp_zz, _zigzag(i), key_length, value_length, header_length)
+        body_bytes = _record_body_bytes(timestamp_zz, zigzag(i), key_length, value_length, header_length)
         if p + VARINT_BYTES_MAX + body_bytes > out.size:
             return ENC_ERR_OUT_TOO_SMALL
-        p = _write_varint(out, p, _zigzag(body_bytes))
+        p = write_varint(out, p, zigzag(body_bytes))
         out[p] = 0  # record attributes: unused by Kafka
-        p = _write_varint(out, p + 1, timestamp_zz)
-        p = _write_varint(out, p, _zigzag(i))
-        p = _write_varint(out, p, _zigzag(key_length))
+        p = write_varint(out, p + 1, timestamp_zz)
+        p = write_varint(out, p, zigzag(i))
+        p = write_varint(out, p, zigzag(key_length))
         _memcpy(out, p, keys_buf, key_offsets[i], max(key_length, 0))
-        p = _write_varint(out, p + max(key_length, 0), _zigzag(value_length))
+        p = write_varint(out, p + max(key_length, 0), zigzag(value_length))
         _memcpy(out, p, values_buf, value_offsets[i], max(value_length, 0))
         p += max(value_length, 0)
         if header_length == 0:
@@ -797,8 +797,8 @@ def decode_records(buf, p, records_count, base_offset, base_timestamp_ms, log_ap
     """Fill columns[:, row:row+records_count] from records at buf[p] that validate_records
     accepted. In a LogAppendTime batch every record's timestamp is the batch's
     maxTimestamp, as in Kafka. Returns the position after the records."""
-    buf = _borrowed(buf)
-    columns = _borrowed(columns)
+    buf = borrowed(buf)
+    columns = borrowed(columns)
     for i in range(records_count):
         p = _decode_record(buf, p, columns, row + i, base_offset, base_timestamp_ms,
                            log_append_time, max_timestamp_ms)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ingest.errors import CorruptDataError
 from ingest.shards import batch as batch_codec
 from ingest.shards.group_offsets import GroupOffsets
 from ingest.shards.log import Log, LogConfig
@@ -51,7 +52,14 @@ class Partition:
             covered = min(covered, end)
         offset = max(covered, self.log.log_start_offset)
         while offset < end:
-            chunk = self.log.read(offset, REBUILD_READ_BYTES)
+            try:
+                chunk = self.log.read(offset, REBUILD_READ_BYTES)
+            except CorruptDataError as e:
+                # A corrupt sealed batch is never served; producers seen only beyond it
+                # simply count as new (their retries after it cannot be deduplicated).
+                log.error("%s-%d: producer state rebuild skips corrupt data: %s", self.topic, self.index, e)
+                offset = max(e.next_good_offset, offset + 1)
+                continue
             if not chunk:
                 break
             for _pos, header in batch_codec.iter_batches(chunk):
