@@ -78,7 +78,17 @@ def test_push_records_land_on_kafkas_partitions_whichever_worker_receives_them(a
             break
         time.sleep(0.2)
     assert got == expected  # in order per partition, none lost, none extra
-    assert metric_value(appliance.metrics_text(), "ingest_forwarded_records_total") > 0
+    assert eventually(lambda: metric_value(appliance.metrics_text(), "ingest_forwarded_records_total") > 0)
+
+
+def eventually(condition, timeout_s: float = 5.0) -> bool:
+    """True once condition() is (metrics arrive with the next heartbeat, not at once)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_unknown_topics_are_created_on_first_push(appliance):
@@ -192,7 +202,7 @@ def test_kill_9_of_a_worker_loses_and_duplicates_no_acked_record(appliance):
         assert len(sender.acked) == 2000
         for value, offset in sender.acked.items():
             assert by_value.get(value) == [offset], (value, by_value.get(value), offset)
-    assert metric_value(appliance.metrics_text(), "ingest_worker_restarts_total", worker="0") >= 1
+    assert eventually(lambda: metric_value(appliance.metrics_text(), "ingest_worker_restarts_total", worker="0") >= 1)
 
 
 def test_sigterm_drains_writes_clean_markers_and_restart_skips_the_scan(tmp_path):
@@ -321,7 +331,7 @@ def test_fuzzed_frames_on_every_endpoint_never_kill_a_worker(appliance, tmp_path
     time.sleep(2.0)
     assert appliance.worker_pids() == pids, "a worker died of input"
     assert appliance.request(appliance.worker_endpoints(0)[1], wire.PingRequest(correlation_id=3))
-    assert metric_value(appliance.metrics_text(), "ingest_frames_invalid_total") > 0
+    assert eventually(lambda: metric_value(appliance.metrics_text(), "ingest_frames_invalid_total") > 0)
     assert appliance.stop() == 0
     check = subprocess.run([sys.executable, "-m", "ingest.cli", "check", str(appliance.data_dir)],
                            capture_output=True, text=True)

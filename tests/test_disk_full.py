@@ -11,7 +11,7 @@ from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.shards import batch as batch_codec
 from tests.support import Appliance, metric_value
-from tests.test_appliance import create_topic, fetch_all
+from tests.test_appliance import create_topic, eventually, fetch_all
 
 TMPFS_BYTES = 6 << 20
 
@@ -49,16 +49,15 @@ def test_disk_full_refuses_with_disk_full_keeps_acked_and_resumes_when_space_ret
         else:
             pytest.fail("the disk never filled")
         assert acked, "nothing fitted before the disk was full"
-        time.sleep(0.5)  # one heartbeat carries the flag to the supervisor
-        assert app.http_status("/healthz") == 503
+        # the next heartbeat carries the flag to the supervisor
+        assert eventually(lambda: app.http_status("/healthz") == 503)
         assert metric_value(app.metrics_text(), "ingest_disk_full") == 1
         assert isinstance(produce(app, value + b"again"), wire.ErrorReply)  # a full-size batch still does not fit
 
         ballast.unlink()
         reply = produce(app, b"after")
         assert isinstance(reply, wire.ProduceReply), reply
-        time.sleep(0.5)
-        assert app.http_status("/healthz") == 200
+        assert eventually(lambda: app.http_status("/healthz") == 200)
         stored = {r.offset: r.value for r in fetch_all(app, "full", 0)}
         for offset, v in acked:
             assert stored[offset] == v

@@ -39,7 +39,12 @@ class Partition:
         self.groups = GroupOffsets(self.directory)
         self.producers = self._load_producer_state(now_ms)
         self._snapshot_ms = now_ms
-        how = "recovered by scanning its tail" if self.log.recovered_by_scan else "clean shutdown, scan skipped"
+        if self.log.recovered_by_scan:
+            how = "recovered by scanning its tail"
+        elif self.log.log_end_offset == 0:
+            how = "new, empty"
+        else:
+            how = "clean shutdown, scan skipped"
         log.info("%s-%d: %s; offsets %d..%d", topic, index, how, self.log.log_start_offset, self.log.log_end_offset)
 
     def _load_producer_state(self, now_ms: int) -> ProducerState:
