@@ -498,6 +498,35 @@ class Log:
         self.probe.flushes_total += 1
         return end
 
+    def flush_start(self) -> tuple[int, int] | None:
+        """Begin a group commit that another thread can finish: (fd, target_offset) when
+        one fdatasync of the active segment is all that is needed, else None (a roll or
+        a new file needs the full flush(): call it instead).
+
+        The caller runs os.fdatasync(fd) anywhere, then calls flush_done(target_offset)
+        (or flush_failed) on the log's own thread. Appends may go on meanwhile: they are
+        not covered by this flush and count towards the next one. The fd stays open
+        until flush_done: the caller must not close() or apply_retention() in between.
+        """
+        self._check_online()
+        if self._unsynced or self._dir_dirty or self._recovery_point != self.active.base_offset:
+            return None
+        target = self.log_end_offset
+        self._unflushed_bytes = 0
+        self._first_unflushed_ms = None
+        return self.active.fileno(), target
+
+    def flush_done(self, target_offset: int) -> None:
+        """The fdatasync begun by flush_start returned: offsets below target are durable."""
+        assert target_offset <= self.log_end_offset, (target_offset, self.log_end_offset)
+        self._flushed_offset = max(self._flushed_offset, target_offset)
+        self.probe.fsyncs_total += 1
+        self.probe.flushes_total += 1
+
+    def flush_failed(self, err: OSError) -> None:
+        """The fdatasync begun by flush_start failed: the log goes offline (see flush)."""
+        self._offline = err
+
     def flush_due(self, now_ms: int | None = None) -> bool:
         """True when the group-commit policy wants a flush: flush_bytes are unsynced, or
         the oldest unsynced append is flush_interval_ms old. now_ms is monotonic (mono_ms)."""

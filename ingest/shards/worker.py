@@ -27,6 +27,7 @@ from ingest.errors import DiskFullError, InvalidBatchError, RecordBatchTooLargeE
 from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.shards import intake, kernels
+from ingest.shards.flusher import Flusher
 from ingest.shards.intake import RecordIntake
 from ingest.shards.partition import Partition
 from ingest.shards.probe import Probe
@@ -36,10 +37,13 @@ from ingest.topics import owner_of, raw_listener_of
 
 log = logging.getLogger("ingest.worker")
 
-# Frames taken from one socket per loop turn: large enough to amortise the per-turn cost
-# over thousands of records, small enough that one busy socket cannot starve the others
-# or delay a due fsync by more than a few milliseconds.
+# Frames batched by one intake pass: large enough to amortise the per-pass cost over
+# thousands of records, small enough that one busy socket cannot starve the others or
+# delay a due fsync by more than a few milliseconds.
 PULL_FRAMES_PER_TURN = 4096
+# Longest a fire-and-forget frame waits for others to share its intake pass (acks=0
+# promises nothing, so a millisecond of latency buys fewer, larger appends).
+INTAKE_LINGER_MS = 1
 PULL_FRAMES_PER_CHUNK = 256
 ROUTER_REQUESTS_PER_TURN = 1024
 # Records from PUSH frames for a topic that is being created wait here, at most this many.
@@ -47,11 +51,41 @@ UNKNOWN_TOPIC_PARKED_MAX = 100_000
 # How long a draining worker keeps trying to hand queued forwarded batches to their owner.
 # (While running, a full forward queue, [limits] forward_sndhwm, drops and counts.)
 FORWARD_LINGER_MS = 1000
-# Bytes taken from one PULL socket per loop turn: bounds the memory one turn holds when
+# Bytes one inbox holds at most: bounds the memory of frames waiting for intake when
 # frames are large (batches), where PULL_FRAMES_PER_TURN alone would allow gigabytes.
 PULL_BYTES_PER_TURN = 16 << 20
+# A draining worker waits this long for fsyncs in flight (a healthy disk needs milliseconds).
+DRAIN_FLUSH_TIMEOUT_S = 10
 # Poll timeout with nothing to flush and no fetch waiting: bounds how late a heartbeat is.
 IDLE_POLL_MS = 100
+
+
+class Inbox:
+    """Frames taken from one PULL socket, waiting to be batched by intake.
+
+    Intake costs a fixed tens of microseconds per pass (numpy, kernel dispatch, one write)
+    on top of its per-record cost, so frames linger up to INTAKE_LINGER_MS to share a
+    pass; bounded by PULL_FRAMES_PER_TURN and PULL_BYTES_PER_TURN.
+    """
+
+    __slots__ = ("raw_topic", "frames", "size_bytes", "since_ms")
+
+    def __init__(self, raw_topic: str | None) -> None:
+        self.raw_topic = raw_topic  # None: RECORD/BATCH frames; else each frame is a value
+        self.frames: list[bytes] = []
+        self.size_bytes = 0
+        self.since_ms = 0
+
+    def add(self, chunk: list[bytes]) -> None:
+        self.frames += chunk
+        self.size_bytes += sum(map(len, chunk))
+
+    def full(self) -> bool:
+        return len(self.frames) >= PULL_FRAMES_PER_TURN or self.size_bytes >= PULL_BYTES_PER_TURN
+
+    def take(self) -> list[bytes]:
+        frames, self.frames, self.size_bytes = self.frames, [], 0
+        return frames
 
 
 class Worker:
@@ -66,6 +100,7 @@ class Worker:
         self.topics: dict[str, dict] | None = None  # None until the supervisor sends the table
         self.partitions: dict[tuple[str, int], Partition] = {}
         self.raw_sockets: dict[zmq.Socket, str] = {}
+        self.inboxes: dict[zmq.Socket, Inbox] = {}  # PULL sockets: frames waiting for intake
         self.forward: dict[int, zmq.Socket] = {}
         self.parked: dict[str, list[bytes]] = {}
         self.parked_count = 0
@@ -74,6 +109,8 @@ class Worker:
         self.exit_code = 0
         # Partitions with appends not yet fsynced: the group commit looks at these only.
         self.dirty: set[Partition] = set()
+        self.flusher = Flusher(self.ctx, f"worker-{worker_id}")
+        self.acks_releasable = False
         self.poller = zmq.Poller()
         self.intake = RecordIntake(self)
         self.requests = RequestHandler(self)
@@ -109,9 +146,11 @@ class Worker:
         limits = self.config.limits
         self.pull = self._socket(zmq.PULL, self.config.endpoint(self.config.worker_pull_port(self.worker_id)),
                                  limits.pull_rcvhwm)
+        self.inboxes[self.pull] = Inbox(None)
         self.router = self._socket(zmq.ROUTER, self.config.endpoint(self.config.worker_router_port(self.worker_id)),
                                    limits.router_rcvhwm)
         self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.flusher.wake, zmq.POLLIN)
         self._bind_raw_listeners()
 
     def _bind_raw_listeners(self) -> None:
@@ -120,6 +159,7 @@ class Worker:
             if t.get("raw_port") and name not in bound and raw_listener_of(name, self.workers) == self.worker_id:
                 s = self._socket(zmq.PULL, self.config.endpoint(t["raw_port"]), self.config.limits.pull_rcvhwm)
                 self.raw_sockets[s] = name
+                self.inboxes[s] = Inbox(name)
 
     def _open_partitions(self) -> None:
         t = now_ms()
@@ -222,34 +262,62 @@ class Worker:
             self.probe.records_in(part.topic, header.last_offset_delta + 1, header.size_bytes)
         return result
 
-    def flush_due_logs(self, force: bool = False) -> bool:
-        """Group commit: one fdatasync per log whose policy says it is due."""
+    def flush_due_logs(self, force: bool = False) -> None:
+        """Group commit: start one fdatasync per log whose policy says it is due.
+
+        The common case (only the active segment has unsynced bytes) goes to the flusher
+        thread; a flush that must also sync a rolled segment, a new file or the recovery
+        point runs here, synchronously (once per segment roll).
+        """
         t = mono_ms()
-        flushed = False
         for part in list(self.dirty):
-            if not (force or part.log.flush_due(t)):
+            if part in self.flusher.in_flight or not (force or part.log.flush_due(t)):
                 continue
-            started = time.perf_counter()
+            self.dirty.discard(part)
             try:
+                job = part.log.flush_start()
+                if job is not None:
+                    self.flusher.submit(part, *job)
+                    continue
+                started = time.perf_counter()
                 part.log.flush()
             except OSError as e:
-                # After a failed fsync the kernel may have dropped dirty pages: only a
-                # restart (recovery scan) can tell what is on disk. Fail what waits on this
-                # log and let the supervisor restart the worker.
-                log.error("fsync of %s-%d failed: %s; restarting the worker", part.topic, part.index, e)
-                self.requests.fail_pending(part, ErrorCode.STORAGE_ERROR, str(e))
-                self.dirty.discard(part)
-                self.exit_code = 1
-                self.stopping = True
+                self._on_flush_failed(part, e)
                 continue
-            self.probe.fsync(time.perf_counter() - started)
-            self.dirty.discard(part)
-            flushed = True
-            try:
-                part.after_flush(now_ms())
-            except OSError as e:  # a producer-state snapshot is an optimisation: retry later
-                log.warning("producer state snapshot of %s-%d failed: %s", part.topic, part.index, e)
-        return flushed
+            self._on_flushed(part, time.perf_counter() - started)
+
+    def on_flush_results(self) -> None:
+        for result in self.flusher.take_results():
+            if result.error is not None:
+                result.part.log.flush_failed(result.error)
+                self._on_flush_failed(result.part, result.error)
+            else:
+                result.part.log.flush_done(result.target_offset)
+                self._on_flushed(result.part, result.seconds)
+
+    def _finish_flushes(self, timeout_s: float = DRAIN_FLUSH_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.flusher.in_flight and time.monotonic() < deadline:
+            self.flusher.wake.poll(10)
+            self.on_flush_results()
+
+    def _on_flushed(self, part: Partition, seconds: float) -> None:
+        self.probe.fsync(seconds)
+        self.acks_releasable = True
+        try:
+            part.after_flush(now_ms())
+        except OSError as e:  # a producer-state snapshot is an optimisation: retry later
+            log.warning("producer state snapshot of %s-%d failed: %s", part.topic, part.index, e)
+
+    def _on_flush_failed(self, part: Partition, error: OSError) -> None:
+        # After a failed fsync the kernel may have dropped dirty pages: only a restart
+        # (recovery scan) can tell what is on disk. Fail what waits on this log and let
+        # the supervisor restart the worker.
+        log.error("fsync of %s-%d failed: %s; restarting the worker", part.topic, part.index, error)
+        self.requests.fail_pending(part, ErrorCode.STORAGE_ERROR, str(error))
+        self.dirty.discard(part)
+        self.exit_code = 1
+        self.stopping = True
 
     def next_flush_in_ms(self) -> int:
         t = mono_ms()
@@ -257,28 +325,38 @@ class Worker:
 
     # ---- loop --------------------------------------------------------------------------
 
-    def _drain_pull(self, sock: zmq.Socket, raw_topic: str | None) -> None:
-        frames: list[bytes] = []
+    def _drain_pull(self, sock: zmq.Socket) -> None:
+        """Move queued frames into the socket's inbox, up to the inbox's bounds."""
+        box = self.inboxes[sock]
         recv = sock.recv
-        taken_bytes = 0
+        if not box.frames:
+            box.since_ms = mono_ms()
         # The inner loop is the per-record cost of intake: a recv and an append, nothing
         # else. The byte bound is checked once per chunk.
-        while len(frames) < PULL_FRAMES_PER_TURN and taken_bytes < PULL_BYTES_PER_TURN:
+        while not box.full():
             chunk: list[bytes] = []
             append = chunk.append
             try:
                 for _ in range(PULL_FRAMES_PER_CHUNK):
                     append(recv(zmq.NOBLOCK))
             except zmq.Again:
-                frames += chunk
-                break
-            frames += chunk
-            taken_bytes += sum(map(len, chunk))
-        if frames:
-            if raw_topic is None:
-                self.intake.on_frames(frames, mono_ms(), now_ms())
-            else:
-                self.intake.on_raw_frames(raw_topic, frames, now_ms())
+                box.add(chunk)
+                return
+            box.add(chunk)
+
+    def _process_inboxes(self, t_ms: int, force: bool = False) -> None:
+        """Hand full or lingering inboxes to intake: one kernel pass per inbox."""
+        for box in self.inboxes.values():
+            if box.frames and (force or box.full() or t_ms - box.since_ms >= INTAKE_LINGER_MS):
+                frames = box.take()
+                if box.raw_topic is None:
+                    self.intake.on_frames(frames, t_ms, now_ms())
+                else:
+                    self.intake.on_raw_frames(box.raw_topic, frames, now_ms())
+
+    def _linger_wait_ms(self, t_ms: int) -> int:
+        waits = [box.since_ms + INTAKE_LINGER_MS - t_ms for box in self.inboxes.values() if box.frames]
+        return max(0, min(waits)) if waits else IDLE_POLL_MS
 
     def _drain_router(self) -> None:
         for _ in range(ROUTER_REQUESTS_PER_TURN):
@@ -309,18 +387,23 @@ class Worker:
         heartbeat_ms = self.config.server.heartbeat_interval_ms
         next_heartbeat = 0
         while not self.stopping:
-            timeout = min(self.next_flush_in_ms(), self.requests.next_deadline_in_ms(mono_ms()), heartbeat_ms)
+            t = mono_ms()
+            timeout = min(self.next_flush_in_ms(), self.requests.next_deadline_in_ms(t),
+                          self._linger_wait_ms(t), heartbeat_ms)
             events = dict(self.poller.poll(timeout))
-            if self.pull in events:
-                self._drain_pull(self.pull, None)
-            for sock, topic in self.raw_sockets.items():
+            for sock in self.inboxes:
                 if sock in events:
-                    self._drain_pull(sock, topic)
+                    self._drain_pull(sock)
+            self._process_inboxes(mono_ms())
             if self.router in events:
                 self._drain_router()
             if self.control in events:
                 self._on_control()
-            if self.flush_due_logs():
+            if self.flusher.wake in events:
+                self.on_flush_results()
+            self.flush_due_logs()
+            if self.acks_releasable:
+                self.acks_releasable = False
                 self.requests.release_durable_acks()
             self.requests.serve_waiting(mono_ms())
             t = mono_ms()
@@ -335,22 +418,27 @@ class Worker:
 
     def _apply_retention(self) -> None:
         for part in self.partitions.values():
-            part.log.apply_retention(now_ms())
+            if part not in self.flusher.in_flight:  # its fd must stay open until the flush returns
+                part.log.apply_retention(now_ms())
 
     def drain(self) -> None:
         """Stop intake, take what is queued, fsync, answer, mark clean, exit."""
-        for sock in [self.pull, *self.raw_sockets]:
+        for sock in self.inboxes:
             self.poller.unregister(sock)
-            self._drain_pull(sock, self.raw_sockets.get(sock))
+            self._drain_pull(sock)
             sock.close(linger=0)
+        self._process_inboxes(mono_ms(), force=True)
         self._drain_router()
-        self.flush_due_logs(force=True)
+        self._finish_flushes()
+        self.flush_due_logs(force=True)  # every log with unsynced appends is in self.dirty
+        self._finish_flushes()
         self.requests.release_durable_acks()
         self.requests.fail_waiting(ErrorCode.SHUTTING_DOWN)
         for part in self.partitions.values():
             part.close()
         for sock in self.forward.values():
             sock.close()
+        self.flusher.close()
         self.router.close(linger=200)
         self.control.close()
         self.ctx.term()
@@ -366,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s worker-{args.worker_id} %(levelname)s %(message)s")
     config = config_mod.from_dict(orjson.loads(os.environ["INGEST_CONFIG_JSON"]))
+    # A finished fdatasync waits for the GIL to report back; the default 5 ms switch
+    # interval would add up to 5 ms to every acks=fsync reply.
+    sys.setswitchinterval(0.0005)
     worker = Worker(args.worker_id, args.incarnation, config, args.control)
     # The supervisor's shutdown message is the normal path; SIGTERM (systemd KillMode=mixed
     # sends it to the main process only) or a lone kill also drains.
