@@ -11,36 +11,48 @@ are carried into a per-series base that is added to everything the new one repor
 
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("ingest.metrics")
 
 # A snapshot series: (metric name without prefix, sorted label items) -> value.
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
-HELP = {
-    "records_received": "Records appended to the log.",
-    "bytes_received": "Record batch bytes appended to the log.",
-    "batches_received": "Record batches appended to the log.",
-    "frames_invalid": "Frames refused as malformed or invalid, by reason.",
-    "records_dropped": "Fire-and-forget records dropped, by reason.",
-    "produce_requests": "Acked produce requests answered, by error.",
-    "fetch_requests": "Fetch requests answered.",
-    "fsyncs": "fdatasync calls (group commits).",
-    "fsync_seconds": "Time spent in fdatasync.",
-    "forwarded_records": "Records forwarded to the worker that owns their partition.",
-    "log_start_offset": "First offset still stored in the partition.",
-    "log_end_offset": "Offset the next record appended to the partition will get.",
-    "log_flushed_offset": "Every offset below this is fsynced.",
-    "log_size_bytes": "Bytes of the partition's segments on disk.",
-    "disk_full": "1 while appends fail with ENOSPC.",
-    "inflight_bytes": "Bytes accepted for acked produce, awaiting fsync.",
+# Every metric a worker may report: name (without the ingest_ prefix) -> (type, help).
+# Base units, `_total` for counters; labels never name a device.
+CATALOG = {
+    "records_received_total": ("counter", "Records appended to the log, by topic."),
+    "bytes_received_total": ("counter", "Record batch bytes appended to the log, by topic."),
+    "batches_received_total": ("counter", "Record batches appended to the log, by topic."),
+    "frames_invalid_total": ("counter", "Frames or batches refused as malformed or invalid, by reason."),
+    "records_dropped_total": ("counter", "Fire-and-forget records not stored, by reason."),
+    "produce_requests_total": ("counter", "Acked produce requests answered, by error."),
+    "duplicate_batches_total": ("counter", "Retried idempotent batches answered without storing them again."),
+    "fetch_requests_total": ("counter", "Fetch requests answered."),
+    "forwarded_records_total": ("counter", "Records forwarded to the worker that owns their partition."),
+    "fsync_duration_seconds": ("histogram", "Duration of one group commit's fdatasync."),
+    "produce_latency_seconds": ("histogram", "Time from an acked produce request's arrival to its reply, by acks."),
+    "log_start_offset": ("gauge", "First offset still stored in the partition."),
+    "log_end_offset": ("gauge", "Offset the next record appended to the partition will get."),
+    "log_high_watermark": ("gauge", "Consumers read below this offset."),
+    "log_flushed_offset": ("gauge", "Every offset below this is fsynced."),
+    "log_size_bytes": ("gauge", "Bytes of the partition's segments on disk."),
+    "consumer_group_lag_records": ("gauge", "High watermark minus the group's committed offset."),
+    "consumer_group_lag_seconds": ("gauge", "Age of the oldest record the group has not committed past."),
+    "disk_full": ("gauge", "1 while appends fail with ENOSPC."),
+    "inflight_bytes": ("gauge", "Bytes accepted for acked produce, awaiting fsync."),
+    "active_producers": ("gauge", "Idempotent producer ids seen in the last 5 minutes, per worker."),
 }
+HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 
 class SnapshotStore:
@@ -91,38 +103,89 @@ def _series(rows: Iterable) -> dict[SeriesKey, float]:
 class ApplianceCollector:
     """prometheus-client custom collector over the SnapshotStore and supervisor state."""
 
-    def __init__(self, store: SnapshotStore, workers: Callable[[], list[dict]]) -> None:
+    def __init__(self, store: SnapshotStore, workers: Callable[[], list[dict]], data_dir=None) -> None:
         self._store = store
         self._workers = workers
+        self._data_dir = data_dir
 
     def collect(self):
         counters, gauges = self._store.totals()
-        yield from _families(counters, CounterMetricFamily, "_total")
-        yield from _families(gauges, GaugeMetricFamily, "")
+        yield from _families(counters)
+        yield from _families(gauges)
         yield from self._worker_families()
+        yield from self._disk_families()
 
     def _worker_families(self):
-        up = GaugeMetricFamily("ingest_worker_up", "1 while the worker is running and heartbeating.", labels=["worker"])
-        restarts = CounterMetricFamily("ingest_worker_restarts", "Times the supervisor restarted the worker.", labels=["worker"])
+        label = ["worker"]
+        up = GaugeMetricFamily("ingest_worker_up", "1 while the worker is running and heartbeating.", labels=label)
+        restarts = CounterMetricFamily("ingest_worker_restarts", "Times the supervisor restarted the worker.",
+                                       labels=label)
+        cpu = CounterMetricFamily("ingest_worker_cpu_seconds", "CPU time of the worker's current process.",
+                                  labels=label)
+        rss = GaugeMetricFamily("ingest_worker_resident_memory_bytes", "Resident memory of the worker.",
+                                labels=label)
         for w in self._workers():
-            up.add_metric([str(w["id"])], 1.0 if w["up"] else 0.0)
-            restarts.add_metric([str(w["id"])], w["restarts"])
-        yield up
-        yield restarts
+            worker = [str(w["id"])]
+            up.add_metric(worker, 1.0 if w["up"] else 0.0)
+            restarts.add_metric(worker, w["restarts"])
+            if w.get("cpu_seconds") is not None:
+                cpu.add_metric(worker, w["cpu_seconds"])
+                rss.add_metric(worker, w["rss_bytes"])
+        yield from (up, restarts, cpu, rss)
+
+    def _disk_families(self):
+        if self._data_dir is None:
+            return
+        usage = shutil.disk_usage(self._data_dir)
+        yield GaugeMetricFamily("ingest_disk_free_bytes", "Free bytes on the data directory's filesystem.",
+                                value=usage.free)
+        yield GaugeMetricFamily("ingest_disk_size_bytes", "Size of the data directory's filesystem.",
+                                value=usage.total)
 
 
-def _families(series: dict[SeriesKey, float], family_cls, suffix: str):
+def _families(series: dict[SeriesKey, float]):
     by_name: dict[str, list] = defaultdict(list)
     for (name, labels), value in series.items():
-        by_name[name].append((labels, value))
-    for name in sorted(by_name):
-        rows = by_name[name]
-        label_names = [k for k, _ in rows[0][0]]
-        metric_name = "ingest_" + (name[: -len(suffix)] if suffix and name.endswith(suffix) else name)
-        family = family_cls(metric_name, HELP.get(name.removesuffix("_total"), name), labels=label_names)
-        for labels, value in rows:
+        base = name
+        for suffix in HISTOGRAM_SUFFIXES:
+            if name.endswith(suffix) and name.removesuffix(suffix) in CATALOG:
+                base = name.removesuffix(suffix)
+        by_name[base].append((name, labels, value))
+    for base in sorted(by_name):
+        if base not in CATALOG:
+            log.error("a worker reported unknown metric %s", base)
+            continue
+        kind, help_text = CATALOG[base]
+        rows = by_name[base]
+        if kind == "histogram":
+            yield from _histograms(base, help_text, rows)
+            continue
+        family_cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        label_names = [k for k, _ in rows[0][1]]
+        family = family_cls("ingest_" + base.removesuffix("_total"), help_text, labels=label_names)
+        for _, labels, value in rows:
             family.add_metric([v for _, v in labels], value)
         yield family
+
+
+def _histograms(base: str, help_text: str, rows: list):
+    """Reassemble cumulative bucket/count/sum counters into one histogram family."""
+    series: dict[tuple, dict] = defaultdict(lambda: {"buckets": {}, "sum": 0.0})
+    for name, labels, value in rows:
+        if name.endswith("_bucket"):
+            le = dict(labels)["le"]
+            key = tuple((k, v) for k, v in labels if k != "le")
+            series[key]["buckets"][le] = value
+        elif name.endswith("_sum"):
+            series[labels]["sum"] = value
+    if not series:
+        return
+    label_names = [k for k, _ in next(iter(series))]
+    family = HistogramMetricFamily("ingest_" + base, help_text, labels=label_names)
+    for key, data in series.items():
+        buckets = sorted(data["buckets"].items(), key=lambda kv: float(kv[0]))
+        family.add_metric([v for _, v in key], buckets, data["sum"])
+    yield family
 
 
 class HttpServer:

@@ -114,7 +114,7 @@ class Supervisor:
         self.bootstrap.setsockopt(zmq.LINGER, 0)
         self.bootstrap.bind(self.config.endpoint(self.config.server.port))
         registry = CollectorRegistry()
-        registry.register(metrics.ApplianceCollector(self.store, self.worker_rows))
+        registry.register(metrics.ApplianceCollector(self.store, self.worker_rows, self.data_dir))
         self._http = metrics.HttpServer(self.config.server.bind, self.config.server.metrics_port,
                                         registry, self.health, self.is_ready)
         self._http.start()
@@ -166,7 +166,7 @@ class Supervisor:
                  "pid": w.process.pid if w.process else None, "ready": w.ready,
                  "pull": self.config.endpoint(self.config.worker_pull_port(w.worker_id)),
                  "router": self.config.endpoint(self.config.worker_router_port(w.worker_id)),
-                 "status": w.status} for w in self.workers]
+                 "status": w.status, **_process_usage(w.process)} for w in self.workers]
 
     def _fresh(self, w: WorkerHandle, t_ms: int) -> bool:
         return w.alive and w.ready and t_ms - w.last_heartbeat_ms <= self.config.server.heartbeat_timeout_ms
@@ -342,6 +342,17 @@ class Supervisor:
         self.ctx.destroy(linger=0)
         log.info("stopped %s", "cleanly" if clean else "with errors")
         return 0 if clean else 1
+
+
+def _process_usage(process: subprocess.Popen | None) -> dict:
+    """CPU seconds and resident bytes of a live worker process (None when it is not)."""
+    try:
+        p = psutil.Process(process.pid)
+        with p.oneshot():
+            cpu = p.cpu_times()
+            return {"cpu_seconds": cpu.user + cpu.system, "rss_bytes": p.memory_info().rss}
+    except (AttributeError, psutil.Error):
+        return {"cpu_seconds": None, "rss_bytes": None}
 
 
 def _usable_cpus() -> list[int]:

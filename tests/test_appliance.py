@@ -336,3 +336,35 @@ def test_fuzzed_frames_on_every_endpoint_never_kill_a_worker(appliance, tmp_path
     check = subprocess.run([sys.executable, "-m", "ingest.cli", "check", str(appliance.data_dir)],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_metrics_expose_rates_offsets_latency_and_lag(appliance):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    create_topic(appliance, "m", 2)
+    sender = IdempotentSender(appliance, "m", 0, producer_id=99)
+    sender.run(20, 5)
+    reply = appliance.request(appliance.owner_router(0),
+                              wire.OffsetCommitRequest(group="dashboards", topic="m", offsets=((0, 40),)))
+    assert isinstance(reply, wire.OffsetCommitReply), reply
+
+    def scraped():
+        text = appliance.metrics_text()
+        return text if metric_value(text, "ingest_consumer_group_lag_records", group="dashboards") == 60 else None
+
+    assert eventually(scraped)
+    text = appliance.metrics_text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert metric_value(text, "ingest_records_received_total", topic="m") == 100
+    assert metric_value(text, "ingest_log_end_offset", topic="m", partition="0") == 100
+    assert metric_value(text, "ingest_log_flushed_offset", topic="m", partition="0") == 100
+    assert metric_value(text, "ingest_produce_latency_seconds_count", acks="fsync") == 20
+    assert metric_value(text, "ingest_fsync_duration_seconds_count") >= 1
+    assert metric_value(text, "ingest_consumer_group_lag_seconds", group="dashboards") >= 0
+    assert metric_value(text, "ingest_active_producers") == 1
+    assert metric_value(text, "ingest_worker_up") == 2
+    assert metric_value(text, "ingest_worker_resident_memory_bytes") > 0
+    assert metric_value(text, "ingest_disk_free_bytes") > 0
+    assert families["ingest_produce_latency_seconds"].type == "histogram"
+    buckets = [s.value for s in families["ingest_produce_latency_seconds"].samples if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets)  # cumulative

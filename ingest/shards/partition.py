@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ingest.errors import CorruptDataError
+from ingest.errors import CorruptDataError, OffsetOutOfRangeError
 from ingest.shards import batch as batch_codec
 from ingest.shards.group_offsets import GroupOffsets
 from ingest.shards.log import Log, LogConfig
@@ -96,6 +96,32 @@ class Partition:
             self.producers.expire(now_ms)
             self.producers.save(self.directory, self.log.log_end_offset)
             self._snapshot_ms = now_ms
+
+    def gauges(self, now_ms: int) -> list[tuple[str, dict, float]]:
+        """This partition's offsets, size and consumer-group lag, for the metrics snapshot."""
+        lg = self.log
+        labels = {"topic": self.topic, "partition": str(self.index)}
+        high_watermark = lg.log_end_offset  # no replicas yet: everything appended is visible
+        rows = [("log_start_offset", labels, lg.log_start_offset), ("log_end_offset", labels, lg.log_end_offset),
+                ("log_high_watermark", labels, high_watermark), ("log_flushed_offset", labels, lg.flushed_offset),
+                ("log_size_bytes", labels, lg.size_bytes)]
+        for group, committed in self.groups.groups().items():
+            group_labels = {"group": group, **labels}
+            rows.append(("consumer_group_lag_records", group_labels, max(0, high_watermark - committed)))
+            rows.append(("consumer_group_lag_seconds", group_labels, self._lag_seconds(committed, now_ms)))
+        return rows
+
+    def _lag_seconds(self, committed: int, now_ms: int) -> float:
+        """Age of the first record the group has not consumed (0 when caught up)."""
+        if committed >= self.log.log_end_offset:
+            return 0.0
+        try:
+            chunk = self.log.read(max(committed, self.log.log_start_offset), 1)
+        except (CorruptDataError, OffsetOutOfRangeError):
+            return 0.0
+        for _pos, header in batch_codec.iter_batches(chunk):
+            return max(0.0, (now_ms - header.base_timestamp_ms) / 1000)
+        return 0.0
 
     def close(self) -> None:
         """Flush, snapshot producer state and mark the log cleanly shut down."""

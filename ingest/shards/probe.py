@@ -3,11 +3,20 @@
 Kept apart from the worker's logic (Redpanda's probe objects do the same) so the hot path
 pays a dict increment per batch and nothing per record. The supervisor turns snapshots
 into Prometheus families (ingest.metrics).
+
+Names here are the Prometheus names without the `ingest_` prefix. Histograms are kept as
+their cumulative `_bucket`/`_count`/`_sum` counters, so the supervisor's carry-over of
+counters across worker restarts covers them too.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
+
+# Upper bounds in seconds: from a page-cache append (~100 us) to a stalled disk (seconds).
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BUCKET_LABELS = tuple(repr(b) for b in LATENCY_BUCKETS_S) + ("+Inf",)
 
 
 class Probe:
@@ -29,9 +38,17 @@ class Probe:
     def dropped(self, reason: str, records: int = 1) -> None:
         self.counters[("records_dropped_total", (("reason", reason),))] += records
 
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        """One observation of a latency histogram `name` (base unit: seconds)."""
+        items = tuple(labels.items())
+        first = bisect_left(LATENCY_BUCKETS_S, seconds)
+        for le in _BUCKET_LABELS[first:]:
+            self.counters[(name + "_bucket", items + (("le", le),))] += 1
+        self.counters[(name + "_count", items)] += 1
+        self.counters[(name + "_sum", items)] += seconds
+
     def fsync(self, seconds: float) -> None:
-        self.counters[("fsyncs_total", ())] += 1
-        self.counters[("fsync_seconds_total", ())] += seconds
+        self.observe("fsync_duration_seconds", seconds)
 
     def snapshot(self, gauges: list[tuple[str, dict, float]]) -> dict:
         return {"counters": [(name, dict(labels), value) for (name, labels), value in self.counters.items()],

@@ -105,8 +105,8 @@ class ProducerState:
         oldest = min(self.producers, key=lambda pid: self.producers[pid].last_seen_ms)
         del self.producers[oldest]
 
-    def active_since(self, since_ms: int) -> int:
-        return sum(1 for e in self.producers.values() if e.last_seen_ms >= since_ms)
+    def active_ids(self, since_ms: int) -> list[int]:
+        return [pid for pid, e in self.producers.items() if e.last_seen_ms >= since_ms]
 
     # ---- snapshots ---------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass
 
 import zmq
@@ -29,6 +30,7 @@ FETCH_WAIT_MS_MAX = 30_000
 # Fetches parked at once per worker; beyond it new ones are answered at once (empty).
 WAITING_FETCHES_MAX = 10_000
 FETCH_BYTES_MAX = 8 << 20
+ACKS_LABELS = {Durability.WRITTEN: "1", Durability.FSYNC: "fsync", Durability.ALL: "all"}
 
 
 @dataclass(slots=True)
@@ -40,6 +42,8 @@ class PendingAck:
     size_bytes: int
     msg_type: int
     correlation_id: int
+    arrived_s: float  # perf_counter at arrival, for the produce latency histogram
+    acks: int
 
 
 def error_reply(request, error: IngestError) -> bytes:
@@ -126,6 +130,7 @@ class RequestHandler:
         return part, header, base, last, duplicate
 
     def _produce(self, identity: bytes, msg):
+        arrived_s = time.perf_counter()
         if msg.acks == Durability.NONE:
             raise IngestError(ErrorCode.INVALID_REQUEST, "acks=0 records go to the PULL endpoint, not requests")
         if isinstance(msg, wire.RecordMessage):
@@ -138,12 +143,19 @@ class RequestHandler:
             raise IngestError(ErrorCode.THROTTLED, "too many bytes awaiting fsync", partition)
         part, _header, base, last, duplicate = self.accept_batch(topic, partition, batch, now_ms())
         self.w.probe.count("produce_requests_total", error="none")
+        if duplicate:
+            self.w.probe.count("duplicate_batches_total")
         reply = wire.ProduceReply(msg.msg_type, partition, base, last, msg.acks, msg.correlation_id).encode()
         if msg.acks == Durability.WRITTEN or part.log.flushed_offset > last:
+            self._observe_latency(msg.acks, arrived_s)
             return reply
-        self.pending.append(PendingAck(part, last, identity, reply, size, msg.msg_type, msg.correlation_id))
+        self.pending.append(PendingAck(part, last, identity, reply, size, msg.msg_type, msg.correlation_id,
+                                       arrived_s, msg.acks))
         self.inflight_bytes += size
         return None
+
+    def _observe_latency(self, acks: int, arrived_s: float) -> None:
+        self.w.probe.observe("produce_latency_seconds", time.perf_counter() - arrived_s, acks=ACKS_LABELS[acks])
 
     def fail_pending(self, part, code: ErrorCode, message: str) -> None:
         """Answer every ack waiting on `part` with an error (its log went offline)."""
@@ -163,6 +175,7 @@ class RequestHandler:
             if ack.part.log.flushed_offset > ack.last_offset:
                 self._send(ack.identity, ack.reply)
                 self.inflight_bytes -= ack.size_bytes
+                self._observe_latency(ack.acks, ack.arrived_s)
             else:
                 still.append(ack)
         self.pending = still

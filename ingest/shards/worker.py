@@ -56,6 +56,8 @@ FORWARD_LINGER_MS = 1000
 PULL_BYTES_PER_TURN = 16 << 20
 # A draining worker waits this long for fsyncs in flight (a healthy disk needs milliseconds).
 DRAIN_FLUSH_TIMEOUT_S = 10
+# "Active producers" are the idempotent producer ids seen within this window.
+ACTIVE_PRODUCER_WINDOW_MS = 5 * 60 * 1000
 # Poll timeout with nothing to flush and no fetch waiting: bounds how late a heartbeat is.
 IDLE_POLL_MS = 100
 
@@ -370,15 +372,16 @@ class Worker:
             self.requests.on_request(identity.bytes, frame)
 
     def heartbeat(self) -> None:
+        t = now_ms()
         gauges = []
-        for (topic, p), part in self.partitions.items():
-            labels = {"topic": topic, "partition": str(p)}
-            gauges.append(("log_start_offset", labels, part.log.log_start_offset))
-            gauges.append(("log_end_offset", labels, part.log.log_end_offset))
-            gauges.append(("log_flushed_offset", labels, part.log.flushed_offset))
-            gauges.append(("log_size_bytes", labels, part.log.size_bytes))
-        gauges.append(("disk_full", {"worker": str(self.worker_id)}, 1.0 if self.disk_full else 0.0))
-        gauges.append(("inflight_bytes", {"worker": str(self.worker_id)}, self.requests.inflight_bytes))
+        for part in self.partitions.values():
+            gauges += part.gauges(t)
+        worker = {"worker": str(self.worker_id)}
+        active = len({pid for part in self.partitions.values()
+                      for pid in part.producers.active_ids(t - ACTIVE_PRODUCER_WINDOW_MS)})
+        gauges += [("disk_full", worker, 1.0 if self.disk_full else 0.0),
+                   ("inflight_bytes", worker, self.requests.inflight_bytes),
+                   ("active_producers", worker, active)]
         self._send_control({"t": "heartbeat", "metrics": self.probe.snapshot(gauges),
                             "status": {"disk_full": self.disk_full, "partitions": len(self.partitions)}})
 
