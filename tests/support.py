@@ -15,6 +15,8 @@ from pathlib import Path
 import zmq
 
 from ingest.net import wire
+from ingest.net.errors import ErrorCode
+from ingest.shards import batch as batch_codec
 
 READY_TIMEOUT_S = 60  # a cold numba cache compiles every kernel once (~10 s on 2 cores)
 PORTS_PER_APPLIANCE = 40
@@ -162,3 +164,79 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def fetch_all(app: Appliance, topic: str, partition: int) -> list[batch_codec.Record]:
+    """Every record of a partition, read with FETCH from its owner."""
+    records, offset = [], 0
+    while True:
+        reply = app.request(app.owner_router(partition),
+                            wire.FetchRequest(topic=topic, partition=partition, offset=offset, max_bytes=1 << 20))
+        assert isinstance(reply, wire.FetchReply), reply
+        data = bytes(reply.records)
+        for pos, _header in batch_codec.iter_batches(data):
+            _, recs = batch_codec.decode_batch(data, pos)
+            records.extend(r for r in recs if r.offset >= offset)
+        if records:
+            offset = records[-1].offset + 1
+        if offset >= reply.log_end_offset:
+            return records
+
+
+def create_topic(app: Appliance, topic: str, partitions: int) -> None:
+    reply = app.request(app.bootstrap, wire.CreateTopicRequest(topic=topic, partitions=partitions))
+    assert isinstance(reply, wire.CreateTopicReply), reply
+
+
+def eventually(condition, timeout_s: float = 5.0) -> bool:
+    """True once condition() is (metrics arrive with the next heartbeat, not at once)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class IdempotentSender:
+    """Acked, idempotent producer over raw frames: resends the same batch until acked."""
+
+    def __init__(self, app: Appliance, topic: str, partition: int, producer_id: int) -> None:
+        self.app, self.topic, self.partition, self.producer_id = app, topic, partition, producer_id
+        self.acked: dict[bytes, int] = {}
+        self.sequence = 0
+        self.stop = False
+
+    def run(self, batches: int, records_per_batch: int) -> None:
+        for b in range(batches):
+            if self.stop:
+                return
+            values = [b"p%d-b%d-r%d" % (self.partition, b, r) for r in range(records_per_batch)]
+            records = [batch_codec.Record(0, int(time.time() * 1000), None, v) for v in values]
+            batch = batch_codec.encode_batch(records, producer_id=self.producer_id, producer_epoch=0,
+                                             base_sequence=self.sequence)
+            try:
+                reply = self._send_until_acked(batch)
+            except SystemExit:
+                return
+            self.sequence += records_per_batch
+            for i, v in enumerate(values):
+                self.acked[v] = reply.base_offset + i
+
+    def _send_until_acked(self, batch: bytes):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self.stop:
+            try:
+                reply = self.app.request(self.app.owner_router(self.partition),
+                                         wire.BatchMessage(topic=self.topic, partition=self.partition, batch=batch,
+                                                           acks=wire.Durability.FSYNC), timeout_ms=1000)
+            except TimeoutError:
+                continue  # the worker is down or restarting: resend the same bytes
+            if isinstance(reply, wire.ProduceReply):
+                assert reply.durability == wire.Durability.FSYNC
+                return reply
+            assert ErrorCode(reply.error_code).retriable, reply
+            time.sleep(0.05)
+        if self.stop:
+            raise SystemExit  # told to stop mid-send: this batch is simply not acked
+        raise AssertionError("batch never acked")

@@ -22,7 +22,7 @@ from kafka.partitioner.default import murmur2 as kafka_murmur2
 from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.shards import batch as batch_codec
-from tests.support import Appliance, metric_value
+from tests.support import Appliance, IdempotentSender, create_topic, eventually, fetch_all, metric_value
 
 FAST_HEARTBEATS = """
 [server]
@@ -36,28 +36,6 @@ def appliance(tmp_path):
     app = Appliance(tmp_path / "data", workers=2, config_text=FAST_HEARTBEATS)
     yield app.start()
     app.kill()
-
-
-def fetch_all(app: Appliance, topic: str, partition: int) -> list[batch_codec.Record]:
-    """Every record of a partition, read with FETCH from its owner."""
-    records, offset = [], 0
-    while True:
-        reply = app.request(app.owner_router(partition),
-                            wire.FetchRequest(topic=topic, partition=partition, offset=offset, max_bytes=1 << 20))
-        assert isinstance(reply, wire.FetchReply), reply
-        data = bytes(reply.records)
-        for pos, _header in batch_codec.iter_batches(data):
-            _, recs = batch_codec.decode_batch(data, pos)
-            records.extend(r for r in recs if r.offset >= offset)
-        if records:
-            offset = records[-1].offset + 1
-        if offset >= reply.log_end_offset:
-            return records
-
-
-def create_topic(app: Appliance, topic: str, partitions: int) -> None:
-    reply = app.request(app.bootstrap, wire.CreateTopicRequest(topic=topic, partitions=partitions))
-    assert isinstance(reply, wire.CreateTopicReply), reply
 
 
 def test_push_records_land_on_kafkas_partitions_whichever_worker_receives_them(appliance):
@@ -79,16 +57,6 @@ def test_push_records_land_on_kafkas_partitions_whichever_worker_receives_them(a
         time.sleep(0.2)
     assert got == expected  # in order per partition, none lost, none extra
     assert eventually(lambda: metric_value(appliance.metrics_text(), "ingest_forwarded_records_total") > 0)
-
-
-def eventually(condition, timeout_s: float = 5.0) -> bool:
-    """True once condition() is (metrics arrive with the next heartbeat, not at once)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_unknown_topics_are_created_on_first_push(appliance):
@@ -135,50 +103,6 @@ def test_every_bad_request_gets_an_error_reply_with_a_code(appliance):
     reply = appliance.request(router0, bytes([9]) + wire.PingRequest(correlation_id=6).encode()[1:])
     assert isinstance(reply, wire.ErrorReply) and reply.error_code == ErrorCode.UNSUPPORTED_VERSION
     assert fetch_all(appliance, "t", 0) == []  # nothing refused was stored
-
-
-class IdempotentSender:
-    """Acked, idempotent producer over raw frames: resends the same batch until acked."""
-
-    def __init__(self, app: Appliance, topic: str, partition: int, producer_id: int) -> None:
-        self.app, self.topic, self.partition, self.producer_id = app, topic, partition, producer_id
-        self.acked: dict[bytes, int] = {}
-        self.sequence = 0
-        self.stop = False
-
-    def run(self, batches: int, records_per_batch: int) -> None:
-        for b in range(batches):
-            if self.stop:
-                return
-            values = [b"p%d-b%d-r%d" % (self.partition, b, r) for r in range(records_per_batch)]
-            records = [batch_codec.Record(0, int(time.time() * 1000), None, v) for v in values]
-            batch = batch_codec.encode_batch(records, producer_id=self.producer_id, producer_epoch=0,
-                                             base_sequence=self.sequence)
-            try:
-                reply = self._send_until_acked(batch)
-            except SystemExit:
-                return
-            self.sequence += records_per_batch
-            for i, v in enumerate(values):
-                self.acked[v] = reply.base_offset + i
-
-    def _send_until_acked(self, batch: bytes):
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not self.stop:
-            try:
-                reply = self.app.request(self.app.owner_router(self.partition),
-                                         wire.BatchMessage(topic=self.topic, partition=self.partition, batch=batch,
-                                                           acks=wire.Durability.FSYNC), timeout_ms=1000)
-            except TimeoutError:
-                continue  # the worker is down or restarting: resend the same bytes
-            if isinstance(reply, wire.ProduceReply):
-                assert reply.durability == wire.Durability.FSYNC
-                return reply
-            assert ErrorCode(reply.error_code).retriable, reply
-            time.sleep(0.05)
-        if self.stop:
-            raise SystemExit  # told to stop mid-send: this batch is simply not acked
-        raise AssertionError("batch never acked")
 
 
 def test_kill_9_of_a_worker_loses_and_duplicates_no_acked_record(appliance):

@@ -10,8 +10,7 @@ import pytest
 from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.shards import batch as batch_codec
-from tests.support import Appliance, metric_value
-from tests.test_appliance import create_topic, eventually, fetch_all
+from tests.support import Appliance, create_topic, eventually, fetch_all, metric_value
 
 TMPFS_BYTES = 6 << 20
 
