@@ -8,6 +8,7 @@ snapshot, topic creation, topic table updates, shutdown.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -65,6 +66,9 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        # Resolve workers = "auto" here, once: a worker pinned to one core would count one
+        # usable core, take itself for the only worker and open every partition.
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=config.worker_count))
         self.config = config
         self.data_dir = config.server.data_dir
         self.notifier = notifier or Notifier()
