@@ -7,6 +7,7 @@ Example (every key optional):
 
     [server]
     bind = "127.0.0.1"
+    advertised_host = ""     # what metadata tells clients; default: bind, or hostname if 0.0.0.0
     port = 7400              # bootstrap; worker i uses port + 1 + 2*i (PULL), port + 2 + 2*i (ROUTER)
     metrics_port = 9740
     data_dir = "./data"
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ import psutil
 
 from ingest.shards.log import LogConfig
 
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
 TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 
 # Kafka's own cap is far higher, but one appliance with more partitions than this spends
@@ -86,6 +89,7 @@ class LimitsConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     bind: str = "127.0.0.1"
+    advertised_host: str = ""  # what clients are told to connect to; "" = bind (or hostname)
     port: int = 7400
     metrics_port: int = 9740
     data_dir: Path = Path("./data")
@@ -122,7 +126,21 @@ class Config:
         return self.server.port + 2 + 2 * worker_id
 
     def endpoint(self, port: int) -> str:
+        """Where the appliance binds `port`."""
         return f"tcp://{self.server.bind}:{port}"
+
+    def advertised_endpoint(self, port: int) -> str:
+        """Where clients connect to `port` (metadata, banner): advertised_host if set, else
+        the bind address, or this machine's name when bound to every interface."""
+        host = self.server.advertised_host or self.server.bind
+        if host in WILDCARD_HOSTS:
+            host = socket.gethostname()
+        return f"tcp://{host}:{port}"
+
+    def local_endpoint(self, port: int) -> str:
+        """Where another process of this appliance connects to `port` (same machine)."""
+        host = "127.0.0.1" if self.server.bind in WILDCARD_HOSTS else self.server.bind
+        return f"tcp://{host}:{port}"
 
     def to_dict(self) -> dict:
         """A JSON-able form, used to hand the exact config to worker processes."""

@@ -22,6 +22,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from ingest import metrics
+from ingest.cli import DEFAULT_BOOTSTRAP
 from ingest.clock import mono_ms
 from ingest.config import Config, ConfigError, TopicConfig
 from ingest.net import wire
@@ -80,6 +81,7 @@ class Supervisor:
             WorkerHandle(i, cpus[i % len(cpus)] if cpus else None) for i in range(config.worker_count)
         ]
         self._stop_requested = False
+        self._first_ready = False
         self._announced_ready = False
         self._watchdog_ms = watchdog_interval_ms()
         self._last_watchdog_ms = 0
@@ -156,7 +158,7 @@ class Supervisor:
                 w.next_start_ms = t_ms + w.backoff_ms
                 w.backoff_ms = min(w.backoff_ms * 2, RESTART_BACKOFF_MAX_MS)
                 w.restarts += 1
-            elif w.process is None and t_ms >= w.next_start_ms:
+            elif w.process is None and t_ms >= w.next_start_ms and self._may_start(w):
                 self._spawn(w)
             elif w.alive and not w.ready and t_ms - w.started_ms > WORKER_START_TIMEOUT_MS:
                 log.error("worker %d not ready after %d ms; killing it", w.worker_id, WORKER_START_TIMEOUT_MS)
@@ -164,12 +166,22 @@ class Supervisor:
             elif w.ready and t_ms - w.started_ms > RESTART_STABLE_MS:
                 w.backoff_ms = RESTART_BACKOFF_FIRST_MS
 
+    def _may_start(self, w: WorkerHandle) -> bool:
+        """Worker 0 starts alone the first time: on a cold numba cache every worker would
+        compile the same kernels at once (seconds each, on cores they share); once worker 0
+        is ready the cache is warm and the others load it in a fraction of a second."""
+        if w.worker_id == 0 or self._first_ready:
+            return True
+        first = self.workers[0]
+        self._first_ready = first.ready or first.restarts > 0
+        return self._first_ready
+
     def worker_rows(self) -> list[dict]:
         t = mono_ms()
         return [{"id": w.worker_id, "up": self._fresh(w, t), "restarts": w.restarts,
                  "pid": w.process.pid if w.process else None, "ready": w.ready,
-                 "pull": self.config.endpoint(self.config.worker_pull_port(w.worker_id)),
-                 "router": self.config.endpoint(self.config.worker_router_port(w.worker_id)),
+                 "pull": self.config.advertised_endpoint(self.config.worker_pull_port(w.worker_id)),
+                 "router": self.config.advertised_endpoint(self.config.worker_router_port(w.worker_id)),
                  "status": w.status, **_process_usage(w.process)} for w in self.workers]
 
     def _fresh(self, w: WorkerHandle, t_ms: int) -> bool:
@@ -278,22 +290,25 @@ class Supervisor:
         if self._announced_ready or not self.is_ready():
             return
         self._announced_ready = True
-        status = f"serving: bootstrap {self.config.endpoint(self.config.server.port)}, {len(self.workers)} workers"
+        status = f"serving: bootstrap {self.config.advertised_endpoint(self.config.server.port)}, {len(self.workers)} workers"
         self.notifier.ready(status)
         log.info("ready: %s", status)
         print(self.banner(), flush=True)
 
     def banner(self) -> str:
         lines = [f"ingest ready (appliance {self.appliance_id}, data {self.data_dir.resolve()})",
-                 f"  bootstrap  {self.config.endpoint(self.config.server.port)}",
+                 f"  bootstrap  {self.config.advertised_endpoint(self.config.server.port)}",
                  f"  metrics    http://{self.config.server.bind}:{self._http.port}/metrics"]
         for row in self.worker_rows():
             lines.append(f"  worker {row['id']}   push {row['pull']}   requests {row['router']}")
         for name, t in self.topics.as_dict().items():
             if t["raw_port"]:
-                lines.append(f"  raw        {self.config.endpoint(t['raw_port'])} -> topic {name}")
-        lines.append("  send one:  echo hello | ingest produce --topic demo")
-        lines.append("  read back: ingest consume --topic demo --from-beginning --idle-timeout-ms 1000")
+                lines.append(f"  raw        {self.config.advertised_endpoint(t['raw_port'])} -> topic {name}")
+        cli = _cli_path()
+        endpoint = self.config.advertised_endpoint(self.config.server.port)
+        bootstrap = "" if endpoint == DEFAULT_BOOTSTRAP else f" --bootstrap {endpoint}"
+        lines.append(f"  send one:  echo hello | {cli} produce{bootstrap} --topic demo")
+        lines.append(f"  read back: {cli} consume{bootstrap} --topic demo --from-beginning --idle-timeout-ms 1000")
         return "\n".join(lines)
 
     def _request_stop(self, signum, _frame) -> None:
@@ -346,6 +361,15 @@ class Supervisor:
         self.ctx.destroy(linger=0)
         log.info("stopped %s", "cleanly" if clean else "with errors")
         return 0 if clean else 1
+
+
+def _cli_path() -> str:
+    """How to call the `ingest` command installed beside this Python (a venv's bin/)."""
+    path = os.path.join(os.path.dirname(sys.executable), "ingest")
+    if not os.path.exists(path):
+        return "ingest"
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else path
 
 
 def _process_usage(process: subprocess.Popen | None) -> dict:

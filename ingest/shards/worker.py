@@ -225,7 +225,7 @@ class Worker:
             sock = self.forward[owner] = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, self.config.limits.forward_sndhwm)
             sock.setsockopt(zmq.LINGER, FORWARD_LINGER_MS)
-            sock.connect(self.config.endpoint(self.config.worker_pull_port(owner)))
+            sock.connect(self.config.local_endpoint(self.config.worker_pull_port(owner)))
         frame = wire.encode(wire.BatchMessage(topic=topic, partition=partition, batch=batch, acks=0))
         try:
             sock.send(frame, zmq.NOBLOCK)
