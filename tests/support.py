@@ -4,6 +4,7 @@ and a minimal raw client (one DEALER, the wire codec, nothing else)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,14 +23,23 @@ READY_TIMEOUT_S = 60  # a cold numba cache compiles every kernel once (~10 s on 
 PORTS_PER_APPLIANCE = 40
 
 
+def _ephemeral_port_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port_block(size: int = PORTS_PER_APPLIANCE) -> int:
-    """A base port whose next `size` ports are all free on loopback (best effort)."""
+    """A base port whose next `size` ports are all free on loopback (best effort).
+
+    Bases lie below the kernel's ephemeral range: a port inside it can be taken by any
+    outgoing connection on the machine (a client's, a ZeroMQ reconnect) between this check
+    and the appliance's bind."""
+    high = _ephemeral_port_start() - size
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + size >= 65000:
-            continue
+        base = random.randrange(10_000, high)
         if all(_port_free(base + i) for i in range(size)):
             return base
     raise RuntimeError("no block of free ports")
