@@ -283,6 +283,26 @@ def test_a_producer_rides_out_kill_9_of_a_worker_without_losing_or_duplicating_a
     assert {r.value: (r.partition, r.offset) for r in got} == acked
 
 
+def test_a_consumer_keeps_reading_across_kill_9_of_a_worker(appliance):
+    create_topic(appliance, "steady", 2)
+    got: list[Record] = []
+
+    def consume() -> None:
+        with Consumer(appliance.bootstrap, "steady", from_beginning=True) as consumer:
+            got.extend(itertools.islice(consumer.records(idle_timeout_ms=15_000), 300))
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    with Producer(appliance.bootstrap, acks="fsync", linger_ms=1) as producer:
+        for i in range(300):
+            producer.send("steady", b"%d" % i, key=b"%d" % i)
+            time.sleep(0.003)
+            if i == 100:
+                os.kill(appliance.worker_pids()[1], signal.SIGKILL)
+    reader.join()
+    assert sorted(r.value for r in got) == sorted(b"%d" % i for i in range(300))
+
+
 def test_records_that_cannot_be_delivered_fail_after_delivery_timeout(appliance):
     with Producer(appliance.bootstrap, acks="fsync", delivery_timeout_ms=1500) as producer:
         producer.send("doomed", b"stored").result(RESULT_TIMEOUT_S)
