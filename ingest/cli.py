@@ -159,6 +159,15 @@ def cmd_status(args) -> int:
     return 0 if all(w["up"] for w in meta["workers"]) else 1
 
 
+def cmd_keys(args) -> int:
+    from ingest.security import generate_keys
+
+    public, secret = generate_keys(args.directory, args.name)
+    print(f"public key (hand out; put clients' into authorized_keys_dir): {public}")
+    print(f"secret key (keep private, mode 0600): {secret}")
+    return 0
+
+
 def cmd_check(args) -> int:
     from ingest.shards import check
 
@@ -214,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
+    k = sub.add_parser("keys", help="generate a CURVE key pair (appliance or client)")
+    k.add_argument("action", choices=["generate"])
+    k.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
+    k.add_argument("--name", default="appliance")
+    k.set_defaults(func=cmd_keys)
+
     ch = sub.add_parser("check", help="verify every segment of a data directory offline")
     ch.add_argument("data_dir")
     ch.set_defaults(func=cmd_check)
@@ -226,13 +241,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from ingest.config import ConfigError
     from ingest.net.errors import IngestError
+    from ingest.security import SecurityError
 
     try:
         return args.func(args)
     except zmq.ZMQError as e:
         print(f"ingest {args.command}: {e} (is another appliance using these ports?)", file=sys.stderr)
         return 1
-    except (CliError, ConfigError, IngestError, OSError) as e:
+    except (CliError, ConfigError, IngestError, SecurityError, OSError) as e:
         print(f"ingest {args.command}: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:

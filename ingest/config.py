@@ -22,6 +22,11 @@ Example (every key optional):
     [limits]
     max_record_bytes = 1048576
 
+    [security]
+    curve = true             # encrypt and authenticate every connection (ZeroMQ CURVE)
+    server_secret_key_file = "/etc/ingest/keys/appliance.key_secret"
+    authorized_keys_dir = "/etc/ingest/keys/authorized"   # *.key of allowed clients
+
     [[topic]]
     name = "telemetry"
     partitions = 4
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import psutil
 
+from ingest.security import SecurityConfig
 from ingest.shards.log import LogConfig
 
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
@@ -110,6 +116,7 @@ class Config:
     storage: LogConfig = field(default_factory=LogConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     topics: tuple[TopicConfig, ...] = ()
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def worker_count(self) -> int:
@@ -172,7 +179,7 @@ def _build(cls, table: dict, section: str):
 
 def from_dict(doc: dict) -> Config:
     doc = dict(doc)
-    unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics"})
+    unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics", "security"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     server = dict(doc.get("server", {}))
@@ -186,6 +193,7 @@ def from_dict(doc: dict) -> Config:
         storage=_build(LogConfig, dict(doc.get("storage", {})), "storage"),
         limits=_build(LimitsConfig, dict(doc.get("limits", {})), "limits"),
         topics=tuple(_build(TopicConfig, dict(t), "topic") for t in topics),
+        security=_build(SecurityConfig, dict(doc.get("security", {})), "security"),
     )
     validate(config)
     return config

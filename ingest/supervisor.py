@@ -28,6 +28,7 @@ from ingest.config import Config, ConfigError, TopicConfig
 from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.sdnotify import Notifier, watchdog_interval_ms
+from ingest.security import CurveGuard
 from ingest.topics import TopicRegistry, write_atomically
 
 log = logging.getLogger("ingest.supervisor")
@@ -116,7 +117,8 @@ class Supervisor:
         self.control.setsockopt(zmq.LINGER, 0)
         control_port = self.control.bind_to_random_port("tcp://127.0.0.1")
         self.control_endpoint = f"tcp://127.0.0.1:{control_port}"
-        self.bootstrap = self.ctx.socket(zmq.ROUTER)
+        self.guard = CurveGuard(self.ctx, self.config.security)
+        self.bootstrap = self.guard.serve(self.ctx.socket(zmq.ROUTER))
         self.bootstrap.setsockopt(zmq.LINGER, 0)
         self.bootstrap.bind(self.config.endpoint(self.config.server.port))
         registry = CollectorRegistry()
@@ -245,6 +247,7 @@ class Supervisor:
                 "worker_count": len(self.workers), "topics": self.topics.as_dict(),
                 "default_partitions": self.config.partitions_default,
                 "auto_create_topics": self.config.server.auto_create_topics,
+                "curve": self.guard.enabled,
                 "metrics": f"http://{self.config.server.bind}:{self._http.port if self._http else 0}/metrics"}
 
     def _on_bootstrap(self) -> None:
@@ -334,6 +337,7 @@ class Supervisor:
             self._check_workers(t)
             self._announce_ready_once()
             self._pet_watchdog(t)
+            self.guard.maybe_reload()
         return self._drain()
 
     def _drain(self) -> int:
@@ -358,6 +362,7 @@ class Supervisor:
                 clean = False
         if self._http:
             self._http.close()
+        self.guard.close()
         self.ctx.destroy(linger=0)
         log.info("stopped %s", "cleanly" if clean else "with errors")
         return 0 if clean else 1

@@ -30,6 +30,7 @@ from ingest.shards import intake, kernels
 from ingest.shards.flusher import Flusher
 from ingest.shards.intake import RecordIntake
 from ingest.shards.partition import Partition
+from ingest.security import CurveGuard
 from ingest.shards.probe import Probe
 from ingest.shards.producer_state import InvalidProducerEpochError, OutOfOrderSequenceError
 from ingest.shards.requests import RequestHandler
@@ -131,12 +132,13 @@ class Worker:
             self._on_control()
         kernels.warm_up()
         intake.warm_up()
+        self.guard = CurveGuard(self.ctx, self.config.security)
         self._bind()
         self._send_control({"t": "ready"})
         log.info("worker %d ready: %d partitions", self.worker_id, len(self.partitions))
 
     def _socket(self, kind: int, endpoint: str, rcvhwm: int) -> zmq.Socket:
-        s = self.ctx.socket(kind)
+        s = self.guard.serve(self.ctx.socket(kind))
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVHWM, rcvhwm)
         s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
@@ -222,7 +224,7 @@ class Worker:
         owner = owner_of(partition, self.workers)
         sock = self.forward.get(owner)
         if sock is None:
-            sock = self.forward[owner] = self.ctx.socket(zmq.PUSH)
+            sock = self.forward[owner] = self.guard.connect_as_appliance(self.ctx.socket(zmq.PUSH))
             sock.setsockopt(zmq.SNDHWM, self.config.limits.forward_sndhwm)
             sock.setsockopt(zmq.LINGER, FORWARD_LINGER_MS)
             sock.connect(self.config.local_endpoint(self.config.worker_pull_port(owner)))
@@ -417,6 +419,7 @@ class Worker:
                     log.error("supervisor is gone: draining")
                     self.stopping = True
                 self._apply_retention()
+                self.guard.maybe_reload()
         self.drain()
 
     def _apply_retention(self) -> None:
@@ -444,6 +447,7 @@ class Worker:
         self.flusher.close()
         self.router.close(linger=200)
         self.control.close()
+        self.guard.close()
         self.ctx.term()
         log.info("worker %d drained", self.worker_id)
 
