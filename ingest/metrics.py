@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ingest.shards.probe import LATENCY_BUCKETS_S
+
 log = logging.getLogger("ingest.metrics")
 
 # A snapshot series: (metric name without prefix, sorted label items) -> value.
@@ -183,9 +185,21 @@ def _histograms(base: str, help_text: str, rows: list):
     label_names = [k for k, _ in next(iter(series))]
     family = HistogramMetricFamily("ingest_" + base, help_text, labels=label_names)
     for key, data in series.items():
-        buckets = sorted(data["buckets"].items(), key=lambda kv: float(kv[0]))
-        family.add_metric([v for _, v in key], buckets, data["sum"])
+        family.add_metric([v for _, v in key], _every_bucket(data["buckets"]), data["sum"])
     yield family
+
+
+def _every_bucket(counted: dict[str, float]) -> list[tuple[str, float]]:
+    """Every bucket of LATENCY_BUCKETS_S, not only those a worker has counted into: the
+    probe creates a bucket at its first observation, so a bucket below every observation
+    so far is absent and reads as 0 here. A fixed bucket set keeps rate() and
+    histogram_quantile() exact from the first scrape (no series born mid-stream)."""
+    bounds = {repr(b) for b in LATENCY_BUCKETS_S} | {"+Inf"} | set(counted)
+    out, cumulative = [], 0.0
+    for le in sorted(bounds, key=float):
+        cumulative = counted.get(le, cumulative)
+        out.append((le, cumulative))
+    return out
 
 
 class HttpServer:
