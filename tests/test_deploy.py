@@ -315,7 +315,7 @@ def test_each_alerts_unit_tests_fail_when_that_alert_can_never_fire(stack, tmp_p
 # ---- A real Prometheus scraping a real appliance -----------------------------------------------
 
 def test_prometheus_scrapes_the_appliance_and_sees_records_and_offsets_move(stack):
-    app, prometheus, traffic = stack
+    _, prometheus, traffic = stack
     records_rate = f'sum(rate(ingest_records_received_total{{topic="{TOPIC}"}}[{GRAFANA_RATE_INTERVAL}]))'
     end_offsets = f'sum(ingest_log_end_offset{{topic="{TOPIC}"}})'
     assert wait_for_values(prometheus, traffic, ['up{job="ingest"} == 1', records_rate, end_offsets]) == {}
@@ -342,7 +342,8 @@ def panel_targets() -> list[tuple[str, str]]:
 def as_grafana_sends_it(expr: str) -> str:
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    expr = expr.replace("$__rate_interval", GRAFANA_RATE_INTERVAL).replace("$instance", variables["instance"]["allValue"])
+    expr = expr.replace("$__rate_interval", GRAFANA_RATE_INTERVAL)
+    expr = expr.replace("$instance", variables["instance"]["allValue"])
     assert "$" not in expr, f"a variable this test does not know: {expr}"
     return expr
 
