@@ -35,3 +35,25 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---- make install: bare metal under systemd, as root (systemd/README.md) -----------------
+# A venv in PREFIX with ingest and its dependencies, the unit in UNITDIR (paths rewritten to
+# PREFIX and CONFDIR), the example config in CONFDIR unless one is already there.
+# Offline: make install INSTALL_PIP_FLAGS="--no-index --find-links /path/to/wheels"
+PREFIX ?= /opt/ingest
+CONFDIR ?= /etc/ingest
+UNITDIR ?= /etc/systemd/system
+INSTALL_PIP_FLAGS ?=
+
+.PHONY: install
+install:
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install --quiet --disable-pip-version-check $(INSTALL_PIP_FLAGS) .
+	install -d -m 0755 $(UNITDIR) $(CONFDIR)
+	sed -e 's|/opt/ingest|$(PREFIX)|g' -e 's|/etc/ingest|$(CONFDIR)|g' systemd/ingest.service > $(UNITDIR)/ingest.service.tmp
+	chmod 0644 $(UNITDIR)/ingest.service.tmp
+	mv $(UNITDIR)/ingest.service.tmp $(UNITDIR)/ingest.service
+	test -e $(CONFDIR)/ingest.toml || install -m 0644 systemd/ingest.toml $(CONFDIR)/ingest.toml
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed: $(PREFIX) $(UNITDIR)/ingest.service $(CONFDIR)/ingest.toml"
+	@echo "next: edit $(CONFDIR)/ingest.toml, then systemctl enable --now ingest"
