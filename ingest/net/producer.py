@@ -5,12 +5,15 @@
         partition, offset = future.result(timeout=10)            # on disk at that offset
 
 Cost model. ``send()`` is the hot path of every user, so it does only what must happen per
-record in Python: a dict lookup, three list appends under a lock and a tiny future
-object. Partitioning (murmur2 of every key in one numba call) and encoding (one numba call
-per RecordBatch over values packed with ``b"".join``) happen when a topic's accumulator is
-drained: after ``linger_ms`` (by the I/O thread), or as soon as it holds about
-``batch_bytes`` (by the thread that sends the next record), or on ``flush()``.
-``send_batch()`` hands many readings over in one call with one future.
+record in Python: a dict lookup, three list appends under a lock and a tiny future (a
+tuple). Partitioning (murmur2 of every key in one numba call) and encoding (one numba call
+per RecordBatch over values packed with ``b"".join``; ``ingest.net.batching``) happen
+when a topic's accumulator is drained: after ``linger_ms`` (by the I/O thread), as soon
+as it holds about ``batch_bytes`` (by the thread that sends the next record), or on
+``flush()``. ``send_batch()`` hands many readings over in one call with one future.
+Each future is a live Python object: a caller that keeps hundreds of thousands of them
+pays CPython's garbage collector about as much again per record as send() itself (see
+bench/RESULTS.md); keep the futures you will check, or use send_batch().
 
 Delivery. One I/O thread (``ingest.net.sender``) owns every socket. It keeps at most five
 batches in flight per partition, in sequence order, and resends the very same bytes after
@@ -29,12 +32,20 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Sequence
 
 import numpy as np
-from numba import njit
+import zmq
 
 from ingest.net import wire
+from ingest.net.batching import (
+    RECORDS_PER_BATCH_MAX,
+    PackedRecords,
+    choose_partitions,
+    encode_batch_rows,
+    pack_columns,
+    pack_records,
+    split_batches,
+)
 from ingest.net.client import (
     BOOTSTRAP_TIMEOUT_MS,
     DEFAULT_BOOTSTRAP,
@@ -42,9 +53,20 @@ from ingest.net.client import (
     Metadata,
 )
 from ingest.net.errors import ErrorCode, IngestError
-from ingest.shards import kernels
+from ingest.net.futures import (  # the errors are part of the producer's API
+    Batch,
+    BatchFuture,
+    BufferFullError,
+    DeliveryTimeoutError,
+    Drain,
+    ProducerClosedError,
+    RecordFuture,
+)
+from ingest.net.sender import Sender
 from ingest.shards.batch import encode_headers
-from ingest.shards.kernels import partition_for_key
+
+__all__ = ["BatchFuture", "BufferFullError", "DeliveryTimeoutError", "Producer", "ProducerClosedError",
+           "RecordFuture"]
 
 # Bytes of records per RecordBatch: one frame amortises the per-request cost (~50 us of
 # Python and syscalls on each side) over ~10,000 telemetry readings of 100 B, and stays
@@ -62,11 +84,6 @@ DELIVERY_TIMEOUT_MS_DEFAULT = 120_000
 # A request without a reply this long is given up and resent (the worker may be hung).
 REQUEST_TIMEOUT_MS_DEFAULT = 30_000
 LINGER_MS_DEFAULT = 5
-# Records per RecordBatch at most, whatever their size: bounds the per-batch arrays.
-RECORDS_PER_BATCH_MAX = 1 << 20
-# Bytes a record adds to a batch beyond its key, value and headers (varints, attributes):
-# used to split drains into batches of about batch_bytes.
-RECORD_OVERHEAD_BYTES = 12
 PRODUCER_ID_BITS = 63
 SEQUENCE_MODULUS = 1 << 31  # Kafka's sequences are int32 and wrap to 0
 
@@ -76,192 +93,6 @@ ACKS = {"0": wire.Durability.NONE, 0: wire.Durability.NONE,
         "all": wire.Durability.ALL, -1: wire.Durability.ALL, 3: wire.Durability.ALL}
 
 _NEVER = math.inf
-
-
-class BufferFullError(IngestError):
-    """send() waited max_block_ms for buffer space: the appliance is slower than the
-    producer or unreachable. Retry later, or raise buffer_bytes."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.THROTTLED, message)
-
-
-class ProducerClosedError(IngestError):
-    """The producer was closed: no more sends; records still unsent when it closed fail
-    with this error."""
-
-    def __init__(self, message: str = "the producer is closed") -> None:
-        super().__init__(ErrorCode.SHUTTING_DOWN, message)
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class DeliveryTimeoutError(IngestError):
-    """A batch was not acknowledged within delivery_timeout_ms (retries included). Its
-    records may or may not have been stored."""
-
-    def __init__(self, message: str, partition: int) -> None:
-        super().__init__(ErrorCode.TIMEOUT, message, partition)
-
-    def __str__(self) -> str:
-        return f"{self.message} [partition {self.partition}]: is the appliance up? (`ingest status`)"
-
-
-# ---------------------------------------------------------------------------------------
-# Futures
-
-
-class _Batch:
-    """One encoded RecordBatch for one partition, as the I/O thread sends it."""
-
-    __slots__ = ("topic", "partition", "payload", "records", "size_bytes", "producer_id",
-                 "base_sequence", "deadline_s", "done", "base_offset", "error",
-                 "correlation_id", "link", "sent_s")
-
-    def __init__(self, topic: str, partition: int, payload: np.ndarray, records: int,
-                 producer_id: int, base_sequence: int, deadline_s: float) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.payload = payload
-        self.records = records
-        self.size_bytes = payload.size
-        self.producer_id = producer_id
-        self.base_sequence = base_sequence
-        self.deadline_s = deadline_s
-        self.done = threading.Event()
-        self.base_offset = -1
-        self.error: BaseException | None = None
-        self.correlation_id = 0
-        self.link = None
-        self.sent_s = 0.0
-
-
-class _Drain:
-    """The shared state behind the futures of one drain: which batch and position each
-    record went to. Filled when the drain is encoded; each batch resolves on its own."""
-
-    __slots__ = ("drained", "batches", "record_batch", "record_position", "record_errors")
-
-    def __init__(self) -> None:
-        self.drained = threading.Event()
-        self.batches: list[_Batch] = []
-        self.record_batch: np.ndarray | None = None
-        self.record_position: np.ndarray | None = None
-        self.record_errors: dict[int, BaseException] = {}
-
-    def assign(self, batches: list[_Batch], record_batch: np.ndarray,
-               record_position: np.ndarray, record_errors: dict[int, BaseException]) -> None:
-        self.batches = batches
-        self.record_batch = record_batch
-        self.record_position = record_position
-        self.record_errors = record_errors
-        self.drained.set()
-
-    def fail(self, error: BaseException, records: int) -> None:
-        """Every record of the drain failed before it was encoded."""
-        self.assign([], np.full(records, -1, np.int32), np.zeros(records, np.int32),
-                    dict.fromkeys(range(records), error))
-
-    def batch_of(self, index: int, timeout: float | None) -> tuple[_Batch, int]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self.drained.wait(timeout):
-            raise TimeoutError(f"record not sent within {timeout} s (still lingering)")
-        b = int(self.record_batch[index])
-        if b < 0:
-            raise self.record_errors[index]
-        batch = self.batches[b]
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not batch.done.wait(remaining):
-            raise TimeoutError(f"no ack within {timeout} s for partition {batch.partition}")
-        return batch, int(self.record_position[index])
-
-    def done(self, index: int) -> bool:
-        if not self.drained.is_set():
-            return False
-        b = int(self.record_batch[index])
-        return b < 0 or self.batches[b].done.is_set()
-
-
-class RecordFuture(tuple):
-    """The outcome of one send(): ``result(timeout)`` -> (partition, offset).
-
-    offset is -1 with acks=0 (sent, nothing known about storage). Raises the error that
-    failed the record (an IngestError), or TimeoutError if ``timeout`` seconds pass first.
-    (A tuple of the drain and the record's index in it: the cheapest object CPython
-    builds, and send() builds one per record.)
-    """
-
-    __slots__ = ()
-
-    def result(self, timeout: float | None = None) -> tuple[int, int]:
-        drain, index = self
-        batch, position = drain.batch_of(index, timeout)
-        if batch.error is not None:
-            raise batch.error
-        return batch.partition, (batch.base_offset + position if batch.base_offset >= 0 else -1)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        try:
-            self.result(timeout)
-        except TimeoutError:
-            raise
-        except Exception as error:  # the record's own failure, returned not raised
-            return error
-        return None
-
-    def done(self) -> bool:
-        drain, index = self
-        return drain.done(index)
-
-    def __repr__(self) -> str:
-        return f"<RecordFuture {'done' if self.done() else 'pending'}>"
-
-
-class BatchFuture:
-    """The outcome of one send_batch(): ``result(timeout)`` -> (partitions, offsets), two
-    arrays with one entry per record in the order given (offsets -1 with acks=0).
-
-    Raises the first error of any of its batches; records of other batches may have been
-    stored (``results()`` gives per-record detail as (partitions, offsets, errors)).
-    """
-
-    __slots__ = ("_drain", "_records")
-
-    def __init__(self, drain: _Drain, records: int) -> None:
-        self._drain = drain
-        self._records = records
-
-    def result(self, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        partitions, offsets, errors = self.results(timeout)
-        if errors:
-            raise next(iter(errors.values()))
-        return partitions, offsets
-
-    def results(self, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(partitions, offsets, {record index: error}) once every batch has an outcome."""
-        drain = self._drain
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not drain.drained.wait(timeout):
-            raise TimeoutError(f"records not sent within {timeout} s")
-        for batch in drain.batches:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not batch.done.wait(remaining):
-                raise TimeoutError(f"no ack within {timeout} s for partition {batch.partition}")
-        partitions = np.full(self._records, -1, np.int32)
-        offsets = np.full(self._records, -1, np.int64)
-        errors = dict(drain.record_errors)
-        for j, batch in enumerate(drain.batches):
-            rows = np.flatnonzero(drain.record_batch == j)
-            partitions[rows] = batch.partition
-            if batch.error is not None:
-                errors.update(dict.fromkeys(rows.tolist(), batch.error))
-            elif batch.base_offset >= 0:
-                offsets[rows] = batch.base_offset + drain.record_position[rows]
-        return partitions, offsets, errors
-
-    def done(self) -> bool:
-        return self._drain.drained.is_set() and all(b.done.is_set() for b in self._drain.batches)
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,225 +113,10 @@ class _Accumulator:
         self.keys: list = []
         self.timestamps: list = []
         self.extras: dict[int, tuple[bytes | None, int | None]] | None = None
-        self.drain = _Drain()
+        self.drain = Drain()
         self.records_max = records_max
         self.deadline_s = _NEVER
         self.sticky = secrets.randbelow(partitions)  # null keys: rotate from a random start
-
-
-class _Packed:
-    """Records as packed columns, ready for the encoder; ``bad`` records are left out."""
-
-    __slots__ = ("count", "values", "value_offsets", "value_lengths", "keys", "key_offsets",
-                 "key_lengths", "timestamps_ms", "headers", "header_offsets", "header_lengths",
-                 "partitions", "bad")
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.keys = None  # None: every key is null
-        self.headers = None  # None: no record has headers
-        self.partitions = None  # None: no record names its partition
-        self.bad: dict[int, BaseException] = {}
-
-    def sizes(self) -> np.ndarray:
-        size = np.maximum(self.value_lengths, 0) + RECORD_OVERHEAD_BYTES
-        if self.keys is not None:
-            size += np.maximum(self.key_lengths, 0)
-        if self.headers is not None:
-            size += self.header_lengths
-        return size
-
-
-def _pack_bytes(fields: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(buffer, offsets, lengths) of byte strings without None; TypeError on anything
-    b"".join rejects, ValueError if a buffer's len() is not its size in bytes."""
-    buffer = b"".join(fields)
-    lengths = np.fromiter(map(len, fields), np.int64, len(fields))
-    offsets = np.cumsum(lengths) - lengths
-    if lengths.size and int(offsets[-1] + lengths[-1]) != len(buffer):
-        raise ValueError("a buffer's len() differs from its size in bytes")
-    return np.frombuffer(buffer, np.uint8), offsets, lengths
-
-
-def _as_bytes(field, what: str) -> bytes | None:
-    """One key or value for the careful path: bytes-like, str (UTF-8) or None."""
-    if field is None or type(field) is bytes:
-        return field
-    if isinstance(field, str):
-        return field.encode("utf-8")
-    try:
-        return memoryview(field).tobytes()
-    except TypeError:
-        raise TypeError(f"{what} must be bytes-like, str or None, not {type(field).__name__}") from None
-
-
-def _pack_nullable(fields: Sequence, what: str, bad: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Like _pack_bytes, per field, with None as length -1 and bad fields recorded."""
-    clean = []
-    for i, field in enumerate(fields):
-        try:
-            clean.append(_as_bytes(field, what))
-        except (TypeError, UnicodeEncodeError) as error:
-            bad.setdefault(i, IngestError(ErrorCode.INVALID_REQUEST, str(error)))
-            clean.append(None)
-    buffer, offsets, lengths = _pack_bytes([b"" if f is None else f for f in clean])
-    lengths[[i for i, f in enumerate(clean) if f is None]] = -1
-    return buffer, offsets, lengths
-
-
-def _pack_timestamps(timestamps: list, now_ms: int, bad: dict) -> np.ndarray:
-    nulls = timestamps.count(None)
-    if nulls == len(timestamps):
-        return np.full(len(timestamps), now_ms, np.int64)
-    if nulls:
-        timestamps = [now_ms if t is None else t for t in timestamps]
-    try:
-        array = np.array(timestamps, dtype=np.int64)
-        if array.ndim == 1 and int(array.min()) >= 0:
-            return array
-    except (TypeError, ValueError, OverflowError):
-        pass
-    array = np.full(len(timestamps), now_ms, np.int64)
-    for i, t in enumerate(timestamps):
-        if type(t) is int and 0 <= t < 2**63:
-            array[i] = t
-        else:
-            bad.setdefault(i, IngestError(ErrorCode.INVALID_REQUEST,
-                                          f"timestamp_ms {t!r} is not an int in 0..2**63-1"))
-    return array
-
-
-def pack_records(values: list, keys: list, timestamps: list, extras: dict | None,
-                 now_ms: int) -> _Packed:
-    """The records of one drain as columns: values and keys packed with one b"".join
-    each, timestamps None stamped ``now_ms``. Records that cannot be encoded (wrong
-    types, negative timestamps) are listed in ``bad`` and left out of the batches."""
-    packed = _Packed(len(values))
-    bad = packed.bad
-    try:
-        packed.values, packed.value_offsets, packed.value_lengths = _pack_bytes(values)
-    except (TypeError, ValueError):
-        packed.values, packed.value_offsets, packed.value_lengths = _pack_nullable(values, "value", bad)
-    # Counting None costs a comparison per key: only when the first key hints at it.
-    if keys[0] is not None or keys.count(None) != len(keys):
-        try:
-            packed.keys, packed.key_offsets, packed.key_lengths = _pack_bytes(keys)
-        except (TypeError, ValueError):  # some keys are None, str or not bytes-like
-            packed.keys, packed.key_offsets, packed.key_lengths = _pack_nullable(keys, "key", bad)
-    packed.timestamps_ms = _pack_timestamps(timestamps, now_ms, bad)
-    if extras:
-        _pack_extras(packed, extras)
-    return packed
-
-
-def _pack_extras(packed: _Packed, extras: dict) -> None:
-    """Headers (pre-encoded) and explicit partitions of the few records that have them."""
-    headers = [b""] * packed.count
-    partitions = np.full(packed.count, -1, np.int64)
-    for i, (header_bytes, partition) in extras.items():
-        if header_bytes:
-            headers[i] = header_bytes
-        if partition is not None:
-            partitions[i] = partition
-    if any(headers):
-        packed.headers, packed.header_offsets, packed.header_lengths = _pack_bytes(headers)
-    if (partitions >= 0).any():
-        packed.partitions = partitions
-
-
-_EMPTY_BYTES = np.zeros(0, np.uint8)
-_EMPTY_INT64 = np.zeros(0, np.int64)
-
-
-@njit(cache=True)
-def partitions_for_keys(keys, key_offsets, key_lengths, partition_count, null_key_partition, out):
-    """Kafka's default partitioner for every record at once: murmur2 of a key, or
-    ``null_key_partition`` for a null key (length -1)."""
-    for i in range(key_lengths.size):
-        if key_lengths[i] < 0:
-            out[i] = null_key_partition
-        else:
-            start = key_offsets[i]
-            out[i] = partition_for_key(keys, start, start + key_lengths[i], partition_count)
-    return out
-
-
-def choose_partitions(packed: _Packed, partition_count: int, sticky: int) -> np.ndarray:
-    """Partition of each record: explicit, else murmur2(key), else the drain's sticky one."""
-    if packed.keys is None:
-        partitions = np.full(packed.count, sticky, np.int64)
-    else:
-        partitions = partitions_for_keys(packed.keys, packed.key_offsets, packed.key_lengths,
-                                         partition_count, sticky, np.empty(packed.count, np.int64))
-    if packed.partitions is not None:
-        explicit = packed.partitions >= 0
-        partitions[explicit] = packed.partitions[explicit]
-    return partitions
-
-
-def split_batches(partitions: np.ndarray, sizes: np.ndarray, keep: np.ndarray | None,
-                  batch_bytes: int) -> list[tuple[int, np.ndarray]]:
-    """(partition, record indices in send order) per batch: records grouped by partition,
-    each group cut into runs of about ``batch_bytes`` (a larger record is a batch alone)."""
-    rows = np.arange(partitions.size) if keep is None else np.flatnonzero(keep)
-    if rows.size == 0:
-        return []
-    parts = partitions[rows]
-    if parts.size and parts.min() == parts.max():
-        groups = [rows]
-    else:
-        order = np.argsort(parts, kind="stable")
-        rows = rows[order]
-        groups = np.split(rows, np.flatnonzero(np.diff(parts[order])) + 1)
-    batches = []
-    for group in groups:
-        partition = int(partitions[group[0]])
-        ends = np.cumsum(sizes[group])
-        chunk = (ends - sizes[group]) // batch_bytes  # the batch_bytes window each record starts in
-        if chunk[-1] == 0 and group.size <= RECORDS_PER_BATCH_MAX:
-            batches.append((partition, group))
-            continue
-        chunk = np.maximum(chunk, np.arange(group.size) // RECORDS_PER_BATCH_MAX)
-        for piece in np.split(group, np.flatnonzero(np.diff(chunk)) + 1):
-            batches.append((partition, piece))
-    return batches
-
-
-def encode_batch_rows(packed: _Packed, rows: np.ndarray, producer_id: int, base_sequence: int) -> np.ndarray:
-    """One RecordBatch (base offset 0) of records ``rows``, via the numba encoder."""
-    all_rows = rows.size == packed.count
-    pick = (lambda a: a) if all_rows else (lambda a: a[rows])
-    value_lengths = pick(packed.value_lengths)
-    if packed.keys is None:
-        keys, key_offsets = _EMPTY_BYTES, np.zeros(rows.size, np.int64)
-        key_lengths = np.full(rows.size, -1, np.int64)
-    else:
-        keys, key_offsets, key_lengths = packed.keys, pick(packed.key_offsets), pick(packed.key_lengths)
-    if packed.headers is None:
-        headers, header_offsets, header_lengths = _EMPTY_BYTES, _EMPTY_INT64, _EMPTY_INT64
-    else:
-        headers = packed.headers
-        header_offsets, header_lengths = pick(packed.header_offsets), pick(packed.header_lengths)
-    out = np.empty(kernels.encoded_size_upper_bound(value_lengths, key_lengths, header_lengths), np.uint8)
-    epoch = 0 if producer_id >= 0 else -1
-    end = kernels.encode_records(packed.values, pick(packed.value_offsets), value_lengths, keys,
-                                 key_offsets, key_lengths, pick(packed.timestamps_ms), headers,
-                                 header_offsets, header_lengths, 0, producer_id, epoch,
-                                 base_sequence, -1, out, 0)
-    if end < 0:  # inputs were checked when packing: this is a bug, not bad user input
-        raise AssertionError(f"encode_records failed with {end} on packed records")
-    return out[:end]
-
-
-def restamp(payload: np.ndarray, producer_id: int) -> None:
-    """Give an encoded batch another producer id (in place), CRC recomputed."""
-    from ingest.shards import layout
-
-    head = payload[:layout.RECORD_BATCH_OVERHEAD].view()
-    head[layout.PRODUCER_ID_OFFSET:layout.PRODUCER_ID_OFFSET + 8] = np.frombuffer(
-        producer_id.to_bytes(8, "big"), np.uint8)
-    crc = kernels.crc32c(payload, layout.ATTRIBUTES_OFFSET, payload.size, 0)
-    head[layout.CRC_OFFSET:layout.CRC_OFFSET + 4] = np.frombuffer(int(crc).to_bytes(4, "big"), np.uint8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -524,10 +140,6 @@ class Producer:
                  delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS_DEFAULT,
                  request_timeout_ms: int = REQUEST_TIMEOUT_MS_DEFAULT,
                  bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS) -> None:
-        import zmq
-
-        from ingest.net.sender import Sender
-
         if acks not in ACKS:
             raise ValueError(f"acks {acks!r}: use 0, 1, 'fsync' or 'all'")
         _check_range("linger_ms", linger_ms, 0, 60_000)
@@ -558,7 +170,7 @@ class Producer:
         self._drain_lock = threading.Lock()  # one drain at a time: sequences go out in order
         self._space = threading.Condition()  # buffer accounting; flush() waits on it too
         self._buffered_bytes = 0
-        self._unfinished: set[_Batch] = set()  # submitted, not yet acked or failed
+        self._unfinished: set[Batch] = set()  # submitted, not yet acked or failed
         self._accumulators: dict[str, _Accumulator] = {}
         self._sequences: dict[tuple[str, int], int] = {}
         self._closed = False
@@ -675,7 +287,7 @@ class Producer:
                 values, keys, timestamps, extras, drain = (acc.values, acc.keys, acc.timestamps,
                                                            acc.extras, acc.drain)
                 acc.values, acc.keys, acc.timestamps, acc.extras = [], [], [], None
-                acc.drain = _Drain()
+                acc.drain = Drain()
                 acc.deadline_s = _NEVER
             try:
                 packed = pack_records(values, keys, timestamps, extras, time.time_ns() // 1_000_000)
@@ -688,7 +300,7 @@ class Producer:
         finally:
             self._drain_lock.release()
 
-    def _encode_and_submit(self, acc: _Accumulator, packed: _Packed, drain: _Drain) -> None:
+    def _encode_and_submit(self, acc: _Accumulator, packed: PackedRecords, drain: Drain) -> None:
         """Partition, split, encode and submit ``packed`` (the caller holds _drain_lock)."""
         partitions = choose_partitions(packed, acc.partitions, acc.sticky)
         acc.sticky = (acc.sticky + 1) % acc.partitions
@@ -706,7 +318,7 @@ class Producer:
             payload = encode_batch_rows(packed, rows, self.producer_id, base_sequence)
             record_batch[rows] = len(batches)
             record_position[rows] = np.arange(rows.size, dtype=np.int32)
-            batches.append(_Batch(acc.topic, partition, payload, rows.size, self.producer_id,
+            batches.append(Batch(acc.topic, partition, payload, rows.size, self.producer_id,
                                   base_sequence, deadline_s))
         if packed.count > 1:  # size the next accumulator from what these records weighed
             acc.records_max = int(min(RECORDS_PER_BATCH_MAX,
@@ -750,7 +362,7 @@ class Producer:
                             f"{self._buffered_bytes} bytes await acks (buffer_bytes "
                             f"{self.buffer_bytes}) after waiting max_block_ms {self.max_block_ms}")
 
-    def release(self, batch: _Batch) -> None:
+    def release(self, batch: Batch) -> None:
         """A batch is done (acked or failed): its bytes leave the buffer (I/O thread)."""
         with self._space:
             self._buffered_bytes -= batch.size_bytes
@@ -770,7 +382,7 @@ class Producer:
         """
         acc = self._accumulator(topic)
         packed = pack_columns(values, keys, timestamps_ms, time.time_ns() // 1_000_000)
-        drain = _Drain()
+        drain = Drain()
         if packed.count == 0:
             drain.assign([], np.zeros(0, np.int32), np.zeros(0, np.int32), {})
             return BatchFuture(drain, 0)
@@ -830,51 +442,3 @@ class Producer:
 def _check_range(name: str, value, low, high) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ValueError(f"{name} {value!r} must be a number in {low}..{high}")
-
-
-# ---------------------------------------------------------------------------------------
-# send_batch input
-
-
-def _column(data, what: str, count: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(buffer, offsets, lengths) from a sequence of bytes-like or a numpy array of rows."""
-    if isinstance(data, np.ndarray):
-        if data.ndim == 0 or data.ndim > 2:
-            raise ValueError(f"{what} array must have one or two dimensions, not {data.ndim}")
-        rows = data.shape[0]
-        row_bytes = data.itemsize * (data.shape[1] if data.ndim == 2 else 1)
-        buffer = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-        offsets = np.arange(rows, dtype=np.int64) * row_bytes
-        lengths = np.full(rows, row_bytes, np.int64)
-    else:
-        data = list(data)
-        try:
-            buffer, offsets, lengths = _pack_bytes(data)
-        except (TypeError, ValueError):
-            bad: dict = {}
-            buffer, offsets, lengths = _pack_nullable(data, what, bad)
-            if bad:
-                raise next(iter(bad.values()))
-    if count is not None and lengths.size != count:
-        raise ValueError(f"{lengths.size} {what}s for {count} values")
-    return buffer, offsets, lengths
-
-
-def pack_columns(values, keys, timestamps_ms, now_ms: int) -> _Packed:
-    """send_batch()'s input as packed columns; ValueError/TypeError for unusable input."""
-    buffer, offsets, lengths = _column(values, "value", None)
-    packed = _Packed(lengths.size)
-    packed.values, packed.value_offsets, packed.value_lengths = buffer, offsets, lengths
-    if keys is not None:
-        packed.keys, packed.key_offsets, packed.key_lengths = _column(keys, "key", packed.count)
-    if timestamps_ms is None:
-        packed.timestamps_ms = np.full(packed.count, now_ms, np.int64)
-    elif isinstance(timestamps_ms, (int, np.integer)):
-        packed.timestamps_ms = np.full(packed.count, int(timestamps_ms), np.int64)
-    else:
-        packed.timestamps_ms = np.ascontiguousarray(timestamps_ms, dtype=np.int64)
-        if packed.timestamps_ms.shape != (packed.count,):
-            raise ValueError(f"{packed.timestamps_ms.size} timestamps for {packed.count} values")
-    if packed.count and int(packed.timestamps_ms.min()) < 0:
-        raise ValueError("timestamps_ms must be >= 0")
-    return packed

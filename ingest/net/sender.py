@@ -34,7 +34,8 @@ import zmq
 from ingest.net import wire
 from ingest.net.client import BootstrapClient, Metadata, WorkerLink, configure
 from ingest.net.errors import ErrorCode, IngestError, WireError
-from ingest.net.producer import DeliveryTimeoutError, ProducerClosedError, restamp
+from ingest.net.batching import restamp
+from ingest.net.futures import DeliveryTimeoutError, ProducerClosedError
 
 log = logging.getLogger("ingest.producer")
 
