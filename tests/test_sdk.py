@@ -15,8 +15,10 @@ import time
 import numpy as np
 import pytest
 from kafka.partitioner.default import murmur2 as kafka_murmur2
+from kafka.record.default_records import DefaultRecordBatch
 
 from ingest import Consumer, Producer
+from ingest.net import batching
 from ingest.net.client import BootstrapClient, UnreachableError
 from ingest.net.consumer import Record
 from ingest.net.errors import ErrorCode, IngestError
@@ -47,6 +49,45 @@ def read_exactly(app, topic: str, count: int, **options) -> list[Record]:
 def by_position(records) -> dict[tuple[int, int], tuple]:
     return {(r.partition, r.offset): (r.key, r.value, r.timestamp_ms) for r in records}
 
+
+# ---- the producer's encoding, without an appliance ----------------------------------------
+
+def test_producer_batches_are_kafka_batches_with_the_producer_id_and_sequence():
+    values = [b"v%d" % i for i in range(500)]
+    keys = [None if i % 3 == 0 else b"k%d" % i for i in range(500)]
+    timestamps = [None if i % 2 else 1_700_000_000_000 + i for i in range(500)]
+    packed = batching.pack_records(values, keys, timestamps, None, now_ms=1_800_000_000_000)
+    partitions = batching.choose_partitions(packed, 5, sticky=3)
+    for partition, rows in batching.split_batches(partitions, packed.sizes(), None, batch_bytes=1 << 20):
+        payload = batching.encode_batch_rows(packed, rows, producer_id=77, base_sequence=1000)
+        batch = DefaultRecordBatch(payload.tobytes())
+        assert batch.validate_crc() and (batch.producer_id, batch.base_sequence) == (77, 1000)
+        records = list(batch)
+        assert [(r.key, r.value) for r in records] == [(keys[i], values[i]) for i in rows]
+        assert [r.timestamp for r in records] == [timestamps[i] or 1_800_000_000_000 for i in rows]
+        expected = {3 if keys[i] is None else kafka_partition(keys[i], 5) for i in rows}
+        assert expected == {partition}
+
+
+def test_a_restamped_batch_has_the_new_producer_id_and_a_valid_crc():
+    packed = batching.pack_records([b"a", b"b"], [None, None], [None, None], None, now_ms=1)
+    payload = batching.encode_batch_rows(packed, np.arange(2), producer_id=5, base_sequence=42)
+    batching.restamp(payload, 2**62 + 9)
+    batch = DefaultRecordBatch(payload.tobytes())
+    assert batch.validate_crc()
+    assert (batch.producer_id, batch.base_sequence) == (2**62 + 9, 42)
+    assert [r.value for r in batch] == [b"a", b"b"]
+
+
+def test_a_drain_is_cut_into_batches_of_about_batch_bytes_in_send_order_per_partition():
+    partitions = np.array([0, 1, 0, 0, 1, 0, 0, 0])
+    sizes = np.array([400, 10, 400, 400, 10, 5000, 10, 10])
+    runs = batching.split_batches(partitions, sizes, None, batch_bytes=1000)
+    assert [(p, rows.tolist()) for p, rows in runs] == [(0, [0, 2]), (0, [3]), (0, [5]), (0, [6, 7]),
+                                                        (1, [1, 4])]
+
+
+# ---- against an appliance ---------------------------------------------------------------
 
 def test_records_round_trip_across_topics_and_partitions_at_every_ack_level(appliance):
     for acks in ("0", 1, "fsync"):

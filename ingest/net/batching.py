@@ -178,15 +178,35 @@ def choose_partitions(packed: PackedRecords, partition_count: int, sticky: int) 
     return partitions
 
 
+@njit(cache=True)
+def run_starts(sizes, batch_bytes, records_max):
+    """Where each run of records starts (indices into ``sizes``): greedy, a run takes
+    records while they fit ``batch_bytes`` and ``records_max``; a record larger than
+    batch_bytes is a run of its own."""
+    starts = np.empty(sizes.size, np.int64)
+    runs = 0
+    run_bytes = 0
+    run_records = 0
+    for i in range(sizes.size):
+        if i == 0 or run_bytes + sizes[i] > batch_bytes or run_records == records_max:
+            starts[runs] = i
+            runs += 1
+            run_bytes = 0
+            run_records = 0
+        run_bytes += sizes[i]
+        run_records += 1
+    return starts[:runs]
+
+
 def split_batches(partitions: np.ndarray, sizes: np.ndarray, keep: np.ndarray | None,
                   batch_bytes: int) -> list[tuple[int, np.ndarray]]:
     """(partition, record indices in send order) per batch: records grouped by partition,
-    each group cut into runs of about ``batch_bytes`` (a larger record is a batch alone)."""
+    each group cut into runs of at most ``batch_bytes`` (a larger record is a run alone)."""
     rows = np.arange(partitions.size) if keep is None else np.flatnonzero(keep)
     if rows.size == 0:
         return []
     parts = partitions[rows]
-    if parts.size and parts.min() == parts.max():
+    if parts.min() == parts.max():
         groups = [rows]
     else:
         order = np.argsort(parts, kind="stable")
@@ -195,13 +215,11 @@ def split_batches(partitions: np.ndarray, sizes: np.ndarray, keep: np.ndarray | 
     batches = []
     for group in groups:
         partition = int(partitions[group[0]])
-        ends = np.cumsum(sizes[group])
-        chunk = (ends - sizes[group]) // batch_bytes  # the batch_bytes window each record starts in
-        if chunk[-1] == 0 and group.size <= RECORDS_PER_BATCH_MAX:
+        group_sizes = sizes[group]
+        if group.size <= RECORDS_PER_BATCH_MAX and int(group_sizes.sum()) <= batch_bytes:
             batches.append((partition, group))
             continue
-        chunk = np.maximum(chunk, np.arange(group.size) // RECORDS_PER_BATCH_MAX)
-        for piece in np.split(group, np.flatnonzero(np.diff(chunk)) + 1):
+        for piece in np.split(group, run_starts(group_sizes, batch_bytes, RECORDS_PER_BATCH_MAX)[1:]):
             batches.append((partition, piece))
     return batches
 

@@ -84,6 +84,8 @@ DELIVERY_TIMEOUT_MS_DEFAULT = 120_000
 # A request without a reply this long is given up and resent (the worker may be hung).
 REQUEST_TIMEOUT_MS_DEFAULT = 30_000
 LINGER_MS_DEFAULT = 5
+# An accumulator is drained once it holds about this fraction of batch_bytes.
+ACCUMULATOR_FILL_FRACTION = 0.9
 PRODUCER_ID_BITS = 63
 SEQUENCE_MODULUS = 1 << 31  # Kafka's sequences are int32 and wrap to 0
 
@@ -320,9 +322,12 @@ class Producer:
             record_position[rows] = np.arange(rows.size, dtype=np.int32)
             batches.append(Batch(acc.topic, partition, payload, rows.size, self.producer_id,
                                   base_sequence, deadline_s))
-        if packed.count > 1:  # size the next accumulator from what these records weighed
+        if packed.count > 1:
+            # Size the next accumulator from what these records weighed, a little under
+            # batch_bytes so that a full one still fits one batch when sizes vary.
+            target_bytes = self.batch_bytes * ACCUMULATOR_FILL_FRACTION
             acc.records_max = int(min(RECORDS_PER_BATCH_MAX,
-                                      max(1, self.batch_bytes * packed.count // max(1, int(sizes.sum())))))
+                                      max(1, target_bytes * packed.count // max(1, int(sizes.sum())))))
         drain.assign(batches, record_batch, record_position, packed.bad)
         with self._space:
             self._buffered_bytes += sum(b.size_bytes for b in batches)
