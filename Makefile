@@ -57,3 +57,8 @@ install:
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed: $(PREFIX) $(UNITDIR)/ingest.service $(CONFDIR)/ingest.toml"
 	@echo "next: edit $(CONFDIR)/ingest.toml, then systemctl enable --now ingest"
+
+# Host packages tests/test_systemd.py needs (root; installs only what is missing).
+.PHONY: test-deps
+test-deps:
+	sh tests/systemd/install-deps.sh

@@ -132,7 +132,8 @@ def container(host_tools, tmp_path_factory):
         box.boot()
         box.run("make", "-C", SOURCE_IN_CONTAINER, "install",
                 f"INSTALL_PIP_FLAGS=--no-index --find-links {WHEELS_IN_CONTAINER}")
-        box.run("systemctl", "enable", "--now", "ingest", timeout_s=START_TIMEOUT_S)
+        start = box.run("systemctl", "enable", "--now", "ingest", check=False, timeout_s=START_TIMEOUT_S)
+        assert start.returncode == 0, f"{start.stderr}\n{journal_tail(box)}"
         yield box
     finally:
         box.poweroff()
@@ -236,6 +237,8 @@ def test_service_is_active_running_after_ready_with_pinned_unprivileged_workers_
     first, second = (set(w["logs"]) for w in workers)
     assert first and second and not first & second, workers
     assert all("/ingest/telemetry-" in log for log in first | second)
+    # The kernels compiled before READY were cached where the unit points numba to.
+    assert list((container.root / "var/cache/private/ingest").rglob("*.nbi")), "no numba cache index"
 
 
 @pytest.mark.slow
