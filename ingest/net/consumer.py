@@ -55,6 +55,8 @@ REQUEST_TIMEOUT_MS_DEFAULT = 30_000
 RETRY_BACKOFF_FIRST_MS = 20
 RETRY_BACKOFF_MAX_MS = 1_000
 POLL_BATCH_TIMEOUT_MS_DEFAULT = 1_000
+# Metadata is asked for again at most this often, however many errors call for it.
+METADATA_REFRESH_MIN_INTERVAL_MS = 500
 # Errors after which a fetch is simply tried again later.
 RETRIABLE = frozenset(code for code in ErrorCode if code.retriable) | {
     ErrorCode.UNKNOWN_TOPIC_OR_PARTITION}  # a new topic reaches the workers a moment after it is created
@@ -233,6 +235,7 @@ class Consumer:
         self._current: tuple[_Cursor, int, ColumnChunk] | None = None
         self._current_row = 0
         self._error: IngestError | None = None
+        self._refreshed_s = 0.0
         try:
             self._metadata = self._metadata_with_topic(topic)
             count = self._metadata.topics[topic]
@@ -534,11 +537,33 @@ class Consumer:
                           wire.ListOffsetsRequest(self.topic, cursor.partition, wire.EARLIEST_TIMESTAMP),
                           lambda reply, c=cursor, e=epoch: self._on_reset(c, e, reply))
         elif error.code in RETRIABLE:
+            if error.code in (ErrorCode.NOT_OWNER, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION):
+                self._refresh_metadata()
             cursor.retry_at_s = time.monotonic() + cursor.backoff_ms / 1000
             cursor.backoff_ms = min(2 * cursor.backoff_ms, RETRY_BACKOFF_MAX_MS)
         else:
             self._error = error
             cursor.retry_at_s = time.monotonic() + RETRY_BACKOFF_MAX_MS / 1000
+
+    def _refresh_metadata(self) -> None:
+        """Ask the bootstrap again (at most every METADATA_REFRESH_MIN_INTERVAL_MS); links
+        whose worker moved to another endpoint reconnect there."""
+        now = time.monotonic()
+        if now - self._refreshed_s < METADATA_REFRESH_MIN_INTERVAL_MS / 1000:
+            return
+        self._refreshed_s = now
+        try:
+            metadata = Metadata.parse(self._bootstrap.metadata())
+        except IngestError:
+            return  # the supervisor is away too: keep the endpoints we have
+        if metadata.worker_count != self._metadata.worker_count:
+            self._error = IngestError(ErrorCode.NOT_OWNER, "the appliance's worker count changed: "
+                                      "create a new Consumer")
+            return
+        for worker, link in self._links.items():
+            if metadata.routers[worker] != link.endpoint:
+                self._outbox.extendleft(reversed(link.reset(metadata.routers[worker])))
+        self._metadata = metadata
 
     def _on_reset(self, cursor: _Cursor, epoch: int, reply) -> None:
         if cursor.epoch != epoch:
