@@ -102,6 +102,7 @@ def test_records_round_trip_across_topics_and_partitions_at_every_ack_level(appl
                 sent.setdefault(topic, []).append(
                     (key, value, timestamp_ms, producer.send(topic, value, key=key, timestamp_ms=timestamp_ms)))
             producer.flush()
+            assert sent[topics[0]][0][3].durability(RESULT_TIMEOUT_S) >= {"0": 0, 1: 1, "fsync": 2}[acks]
             for topic in topics:
                 outcomes = [(k, v, t, f.result(RESULT_TIMEOUT_S)) for k, v, t, f in sent[topic]]
                 got = read_exactly(appliance, topic, len(outcomes))

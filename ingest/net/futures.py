@@ -49,7 +49,7 @@ class Batch:
     """One encoded RecordBatch for one partition, as the I/O thread sends it."""
 
     __slots__ = ("topic", "partition", "payload", "records", "size_bytes", "producer_id",
-                 "base_sequence", "deadline_s", "done", "base_offset", "error",
+                 "base_sequence", "deadline_s", "done", "base_offset", "durability", "error",
                  "correlation_id", "link", "sent_s")
 
     def __init__(self, topic: str, partition: int, payload: np.ndarray, records: int,
@@ -64,6 +64,7 @@ class Batch:
         self.deadline_s = deadline_s
         self.done = threading.Event()
         self.base_offset = -1
+        self.durability = 0  # wire.Durability the reply said the records reached
         self.error: BaseException | None = None
         self.correlation_id = 0
         self.link = None
@@ -133,6 +134,15 @@ class RecordFuture(tuple):
         if batch.error is not None:
             raise batch.error
         return batch.partition, (batch.base_offset + position if batch.base_offset >= 0 else -1)
+
+    def durability(self, timeout: float | None = None) -> int:
+        """The wire.Durability the record reached (NONE with acks=0), once acked; at
+        least the acks asked for. Raises like result()."""
+        drain, index = self
+        batch, _ = drain.batch_of(index, timeout)
+        if batch.error is not None:
+            raise batch.error
+        return batch.durability
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:

@@ -263,6 +263,7 @@ class Sender(threading.Thread):
         if isinstance(reply, wire.ProduceReply):
             state.inflight.remove(batch)
             state.backoff_ms = RETRY_BACKOFF_FIRST_MS
+            batch.durability = reply.durability
             self._finish(batch, base_offset=reply.base_offset)
             return
         if not isinstance(reply, wire.ErrorReply):
