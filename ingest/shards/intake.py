@@ -312,7 +312,19 @@ class RecordIntake:
         except wire.WireError as e:
             self.w.probe.invalid(e.code.name.lower())
         except IngestError as e:
-            self.w.probe.dropped(ErrorCode(e.code).name.lower())
+            self._count_refused(e, 1)
+
+    def _count_refused(self, error: IngestError, records: int) -> None:
+        """Count a PUSH append that failed exactly once: a drop when the appliance could not
+        store good records (disk, I/O), invalid input otherwise. Corrupt and oversized
+        batches were already counted as invalid by the worker's append."""
+        if error.code in (ErrorCode.CORRUPT_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE):
+            return
+        reason = ErrorCode(error.code).name.lower()
+        if error.code in (ErrorCode.DISK_FULL, ErrorCode.STORAGE_ERROR):
+            self.w.probe.dropped(reason, records)
+        else:
+            self.w.probe.invalid(reason)
 
     def _sticky_partition(self, topic: str, count: int) -> int:
         """Where null-key records go: a partition this worker owns (so they never move),
@@ -350,7 +362,7 @@ class RecordIntake:
             try:
                 self.w.requests.accept_batch(topic, partition, batch, now_ms)
             except IngestError as e:
-                self.w.probe.dropped(ErrorCode(e.code).name.lower(), len(idx))
+                self._count_refused(e, len(idx))
         else:
             self.w.forward_batch(topic, partition, batch, len(idx))
 

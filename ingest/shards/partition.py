@@ -104,7 +104,7 @@ class Partition:
         high_watermark = lg.log_end_offset  # no replicas yet: everything appended is visible
         rows = [("log_start_offset", labels, lg.log_start_offset), ("log_end_offset", labels, lg.log_end_offset),
                 ("log_high_watermark", labels, high_watermark), ("log_flushed_offset", labels, lg.flushed_offset),
-                ("log_size_bytes", labels, lg.size_bytes)]
+                ("log_size_bytes", labels, lg.size_bytes), ("log_corrupt_batches", labels, len(lg.problems))]
         for group, committed in self.groups.groups().items():
             group_labels = {"group": group, **labels}
             rows.append(("consumer_group_lag_records", group_labels, max(0, high_watermark - committed)))

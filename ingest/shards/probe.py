@@ -16,6 +16,8 @@ from collections import defaultdict
 
 # Upper bounds in seconds: from a page-cache append (~100 us) to a stalled disk (seconds).
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Why fire-and-forget records that were valid could not be stored.
+DROP_REASONS = ("disk_full", "storage_error", "forward_queue_full", "unknown_topic_backlog")
 _BUCKET_LABELS = tuple(repr(b) for b in LATENCY_BUCKETS_S) + ("+Inf",)
 
 
@@ -23,6 +25,10 @@ class Probe:
     def __init__(self) -> None:
         # (name, labels tuple) -> value; labels are tuples of (key, value) pairs.
         self.counters: dict[tuple, float] = defaultdict(float)
+        # Present from the start at 0, so rate() and alerts see "no drops", not "no data".
+        for reason in DROP_REASONS:
+            self.counters[("records_dropped_total", (("reason", reason),))] = 0.0
+        self.counters[("replies_dropped_total", ())] = 0.0
 
     def count(self, name: str, value: float = 1, **labels: str) -> None:
         self.counters[(name, tuple(labels.items()))] += value

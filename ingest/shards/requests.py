@@ -89,7 +89,7 @@ class RequestHandler:
         try:
             self.w.router.send_multipart([identity, reply], zmq.NOBLOCK, copy=len(reply) < 65536)
         except zmq.Again:
-            self.w.probe.dropped("reply_queue_full")
+            self.w.probe.count("replies_dropped_total")  # the client's queue is full: it will time out
 
     def _dispatch(self, identity: bytes, request):
         if isinstance(request, (wire.BatchMessage, wire.RecordMessage)):

@@ -384,7 +384,13 @@ class Worker:
         gauges += [("disk_full", worker, 1.0 if self.disk_full else 0.0),
                    ("inflight_bytes", worker, self.requests.inflight_bytes),
                    ("active_producers", worker, active)]
-        self._send_control({"t": "heartbeat", "metrics": self.probe.snapshot(gauges),
+        snapshot = self.probe.snapshot(gauges)
+        storage = {"segments_rolled_total": 0, "segments_deleted_total": 0, "recovery_truncated_bytes_total": 0}
+        for part in self.partitions.values():
+            for name in storage:
+                storage[name] += getattr(part.log.probe, name)
+        snapshot["counters"] += [(name, {}, value) for name, value in storage.items()]
+        self._send_control({"t": "heartbeat", "metrics": snapshot,
                             "status": {"disk_full": self.disk_full, "partitions": len(self.partitions)}})
 
     def run(self) -> None:
