@@ -26,7 +26,11 @@ def appliance(tmp_path):
     """The running appliance: .bootstrap, .data_dir, .process, .metrics_port and the
     helpers of tests.support.Appliance."""
     app = Appliance(tmp_path / "data", workers=2, config_text=FAST_HEARTBEATS)
-    app.start()
+    try:
+        app.start()
+    except BaseException:  # not ready: stop what did start, or it outlives the test run
+        app.kill()
+        raise
     yield app
     exit_code = app.stop(signal.SIGTERM)
     assert exit_code == 0, f"ingest serve exited with {exit_code} on SIGTERM:\n{app.log()[-4000:]}"
