@@ -1,0 +1,1 @@
+"""Fault tests: crashes, torn and corrupt files, disk full, stalls, overload, fuzzing."""
