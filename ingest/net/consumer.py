@@ -119,10 +119,11 @@ class ColumnChunk:
                       self.key_offsets[start:].tolist(), self.key_lengths[start:].tolist(),
                       self.value_offsets[start:].tolist(), self.value_lengths[start:].tolist(),
                       self.header_lengths[start:].tolist(), range(start, len(self)))
+        new = tuple.__new__  # Record(...) would run namedtuple's Python-level __new__
         for offset, timestamp_ms, ko, kn, vo, vn, hn, i in columns:
-            yield Record(topic, partition, offset, timestamp_ms,
-                         None if kn < 0 else raw[ko:ko + kn], None if vn < 0 else raw[vo:vo + vn],
-                         self.headers(i) if hn else ())
+            yield new(Record, (topic, partition, offset, timestamp_ms,
+                               None if kn < 0 else raw[ko:ko + kn], None if vn < 0 else raw[vo:vo + vn],
+                               self.headers(i) if hn else ()))
 
     def tail(self, start: int) -> ColumnChunk:
         """The rows from ``start`` on, same buffer."""
