@@ -298,3 +298,63 @@ def test_a_sigstopped_worker_stops_the_petting_and_the_watchdog_restarts_the_app
     assert "Watchdog timeout" in journal and "Failed with result 'watchdog'" in journal, journal
     assert sorted(consume_all(container)) == sorted(before)
     assert set(values) <= set(before)
+
+
+# Runs inside the container with the installed venv's Python: asks the bootstrap endpoint
+# for metadata as the client whose key files are given ("-" for a plain, keyless socket)
+# and prints whether an answer came.
+CURVE_CLIENT_SCRIPT = r"""
+import sys, zmq, zmq.auth
+from ingest.net import wire
+server_public, _ = zmq.auth.load_certificate("/etc/ingest/keys/appliance.key")
+ctx = zmq.Context()
+answered = []
+for key_file in sys.argv[1:]:
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    if key_file != "-":
+        s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(key_file)
+        s.curve_serverkey = server_public
+    s.connect("tcp://127.0.0.1:7400")
+    s.send(wire.MetadataRequest(correlation_id=1).encode())
+    answered.append(bool(s.poll(3000)))
+    s.close()
+print(" ".join(map(str, answered)))
+"""
+CURVE_DROP_IN = "[Service]\nLoadCredential=appliance.key_secret:/etc/ingest/keys/appliance.key_secret\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TEST_TIMEOUT_S)
+def test_curve_with_the_secret_key_as_a_credential_admits_only_authorized_clients(container):
+    root = container.root
+    config = root / "etc/ingest/ingest.toml"
+    drop_in = root / "etc/systemd/system/ingest.service.d/curve.conf"
+    plain = config.read_text()
+    ingest_cli = "/opt/ingest/bin/ingest"
+    container.run(ingest_cli, "keys", "generate", "/etc/ingest/keys", "--name", "appliance")
+    container.run(ingest_cli, "keys", "generate", "/root/clients", "--name", "device1")
+    container.run(ingest_cli, "keys", "generate", "/root/clients", "--name", "stranger")
+    container.run("install", "-D", "-m", "0644", "/root/clients/device1.key",
+                  "/etc/ingest/keys/authorized/device1.key")
+    secured = (plain.replace("curve = false", "curve = true")
+               .replace('# server_secret_key_file = "/run/credentials/', 'server_secret_key_file = "/run/credentials/')
+               .replace('# authorized_keys_dir = "/etc', 'authorized_keys_dir = "/etc'))
+    assert secured.count("\ncurve = true") == 1 and "\nserver_secret_key_file" in secured
+    assert "\nauthorized_keys_dir" in secured
+    try:
+        drop_in.parent.mkdir(exist_ok=True)
+        drop_in.write_text(CURVE_DROP_IN)
+        config.write_text(secured)
+        container.run("systemctl", "daemon-reload")
+        container.run("systemctl", "restart", "ingest", timeout_s=START_TIMEOUT_S)
+        state = container.show("ingest", "ActiveState", "SubState")
+        assert (state["ActiveState"], state["SubState"]) == ("active", "running"), journal_tail(container)
+        answers = container.run("/opt/ingest/bin/python", "-c", CURVE_CLIENT_SCRIPT,
+                                "/root/clients/device1.key_secret", "/root/clients/stranger.key_secret", "-")
+        assert answers.stdout.split() == ["True", "False", "False"], journal_tail(container)
+    finally:
+        drop_in.unlink(missing_ok=True)
+        config.write_text(plain)
+        container.run("systemctl", "daemon-reload")
+        container.run("systemctl", "restart", "ingest", timeout_s=START_TIMEOUT_S)
