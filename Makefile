@@ -23,8 +23,8 @@ $(TEST_STAMP): $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/ingest serve --data-dir ./data
 
-# pytest exits 5 when it collected no test: treat that as a failure, not a pass.
-test: $(TEST_STAMP)
+# pytest exits 5 when it collected no test, which make reports as a failure, as it must.
+test: $(TEST_STAMP) test-deps
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 bench: $(TEST_STAMP)
@@ -58,7 +58,10 @@ install:
 	@echo "installed: $(PREFIX) $(UNITDIR)/ingest.service $(CONFDIR)/ingest.toml"
 	@echo "next: edit $(CONFDIR)/ingest.toml, then systemctl enable --now ingest"
 
-# Host packages tests/test_systemd.py needs (root; installs only what is missing).
+# Debian packages the tests start for real (root; each script installs only what is missing):
+# systemd, systemd-container and debootstrap for tests/test_systemd.py, prometheus and
+# promtool for tests/test_deploy.py.
 .PHONY: test-deps
 test-deps:
 	sh tests/systemd/install-deps.sh
+	sh tests/deploy-deps.sh

@@ -373,8 +373,10 @@ def _cli_path() -> str:
     path = os.path.join(os.path.dirname(sys.executable), "ingest")
     if not os.path.exists(path):
         return "ingest"
-    relative = os.path.relpath(path)
-    return relative if not relative.startswith("..") else path
+    cwd = os.getcwd()
+    # Relative only below a working directory of the user's (make run), absolute elsewhere
+    # (systemd runs us in /).
+    return os.path.relpath(path) if cwd != "/" and path.startswith(cwd + os.sep) else path
 
 
 def _process_usage(process: subprocess.Popen | None) -> dict:
