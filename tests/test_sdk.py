@@ -129,7 +129,7 @@ def test_keys_land_on_kafkas_murmur2_partitions(appliance):
 def test_null_key_records_fill_one_partition_per_batch_and_rotate(appliance):
     create_topic(appliance, "unkeyed", 4)
     used = []
-    with Producer(appliance.bootstrap, acks=1) as producer:
+    with Producer(appliance.bootstrap, acks=1, linger_ms=60_000) as producer:  # flush() drains
         for _ in range(8):
             futures = [producer.send("unkeyed", b"x") for _ in range(20)]
             producer.flush()
