@@ -11,15 +11,7 @@ import signal
 
 import pytest
 
-from tests.support import Appliance
-
-# Heartbeats every 100 ms so that a killed and restarted worker shows as up again quickly.
-FAST_HEARTBEATS = """
-[server]
-heartbeat_interval_ms = 100
-heartbeat_timeout_ms = 1000
-"""
-
+from tests.support import FAST_HEARTBEATS, Appliance
 
 @pytest.fixture
 def appliance(tmp_path):

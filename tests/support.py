@@ -19,6 +19,12 @@ from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.shards import batch as batch_codec
 
+# Heartbeats every 100 ms so that a stalled, killed or restarted worker shows quickly.
+FAST_HEARTBEATS = """
+[server]
+heartbeat_interval_ms = 100
+heartbeat_timeout_ms = 1000
+"""
 READY_TIMEOUT_S = 60  # a cold numba cache compiles every kernel once (~10 s on 2 cores)
 PORTS_PER_APPLIANCE = 40
 

@@ -22,21 +22,7 @@ from kafka.partitioner.default import murmur2 as kafka_murmur2
 from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.shards import batch as batch_codec
-from tests.support import Appliance, IdempotentSender, create_topic, eventually, fetch_all, metric_value
-
-FAST_HEARTBEATS = """
-[server]
-heartbeat_interval_ms = 100
-heartbeat_timeout_ms = 1000
-"""
-
-
-@pytest.fixture
-def appliance(tmp_path):
-    app = Appliance(tmp_path / "data", workers=2, config_text=FAST_HEARTBEATS)
-    yield app.start()
-    app.kill()
-
+from tests.support import FAST_HEARTBEATS, Appliance, IdempotentSender, create_topic, eventually, fetch_all, metric_value
 
 def test_push_records_land_on_kafkas_partitions_whichever_worker_receives_them(appliance):
     create_topic(appliance, "telemetry", 4)
@@ -319,5 +305,22 @@ def test_raw_listener_stores_each_frame_as_one_record_value(tmp_path):
         for p in range(2):
             got = [r.value for r in fetch_all(app, "raw", p)]
             assert got == [v for v in values if v in set(got)]
+    finally:
+        app.kill()
+
+
+def test_workers_auto_gives_each_worker_only_its_own_partitions(tmp_path):
+    app = Appliance(tmp_path / "data", workers="auto", config_text=FAST_HEARTBEATS)
+    app.start()
+    try:
+        create_topic(app, "spread", 8)
+        meta = app.metadata()
+        count = meta["worker_count"]
+        assert count == len(os.sched_getaffinity(0))
+
+        def opened():
+            return [w["status"].get("partitions") for w in app.metadata()["workers"]]
+
+        assert eventually(lambda: opened() == [len(range(i, 8, count)) for i in range(count)]), opened()
     finally:
         app.kill()

@@ -31,14 +31,13 @@ from ingest.metrics import CATALOG
 from ingest.net import wire
 from ingest.shards import batch as batch_codec
 from ingest.shards.probe import LATENCY_BUCKETS_S
-from tests.support import Appliance
+from tests.support import FAST_HEARTBEATS, Appliance
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "ingest.json"
 PROVISIONING = DEPLOY / "grafana" / "provisioning"
 
-FAST_HEARTBEATS = "[server]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n"
 # The families the supervisor builds itself; every other family is in CATALOG.
 SUPERVISOR_FAMILIES = ("ingest_worker_up", "ingest_worker_restarts_total", "ingest_worker_cpu_seconds_total",
                        "ingest_worker_resident_memory_bytes", "ingest_disk_free_bytes", "ingest_disk_size_bytes")
