@@ -26,6 +26,7 @@ RECORDS_PER_BATCH_MAX = 1 << 20
 # Bytes a record adds to a batch beyond its key, value and headers (varints, attributes):
 # used to split drains into batches of about batch_bytes.
 RECORD_OVERHEAD_BYTES = 12
+SEQUENCE_MODULUS = 1 << 31  # Kafka's sequences are int32 and wrap to 0
 
 
 class PackedRecords:
@@ -250,13 +251,17 @@ def encode_batch_rows(packed: PackedRecords, rows: np.ndarray, producer_id: int,
     return out[:end]
 
 
-def restamp(payload: np.ndarray, producer_id: int) -> None:
-    """Give an encoded batch another producer id (in place), CRC recomputed."""
-    head = payload[:layout.RECORD_BATCH_OVERHEAD].view()
-    head[layout.PRODUCER_ID_OFFSET:layout.PRODUCER_ID_OFFSET + 8] = np.frombuffer(
-        producer_id.to_bytes(8, "big"), np.uint8)
-    crc = kernels.crc32c(payload, layout.ATTRIBUTES_OFFSET, payload.size, 0)
-    head[layout.CRC_OFFSET:layout.CRC_OFFSET + 4] = np.frombuffer(int(crc).to_bytes(4, "big"), np.uint8)
+def restamp(payload: np.ndarray, producer_id: int, base_sequence: int) -> None:
+    """Give an encoded batch another producer id and base sequence (in place), CRC
+    recomputed; the records are untouched."""
+    head = payload[:layout.RECORD_BATCH_OVERHEAD]
+    fields = ((layout.PRODUCER_ID_OFFSET, layout.PRODUCER_ID_LENGTH, producer_id),
+              (layout.BASE_SEQUENCE_OFFSET, layout.BASE_SEQUENCE_LENGTH, base_sequence))
+    for offset, length, value in fields:
+        head[offset:offset + length] = np.frombuffer(value.to_bytes(length, "big", signed=True), np.uint8)
+    crc = int(kernels.crc32c(payload, layout.ATTRIBUTES_OFFSET, payload.size, 0))
+    head[layout.CRC_OFFSET:layout.CRC_OFFSET + layout.CRC_LENGTH] = np.frombuffer(
+        crc.to_bytes(layout.CRC_LENGTH, "big"), np.uint8)
 
 
 # ---- send_batch() input -----------------------------------------------------------------

@@ -49,7 +49,7 @@ class Batch:
     """One encoded RecordBatch for one partition, as the I/O thread sends it."""
 
     __slots__ = ("topic", "partition", "payload", "records", "size_bytes", "producer_id",
-                 "base_sequence", "deadline_s", "done", "base_offset", "durability", "error",
+                 "base_sequence", "drain_sequence", "deadline_s", "done", "base_offset", "durability", "error",
                  "correlation_id", "link", "sent_s")
 
     def __init__(self, topic: str, partition: int, payload: np.ndarray, records: int,
@@ -60,7 +60,8 @@ class Batch:
         self.records = records
         self.size_bytes = payload.size
         self.producer_id = producer_id
-        self.base_sequence = base_sequence
+        self.base_sequence = base_sequence  # as stamped in the payload now
+        self.drain_sequence = base_sequence  # as numbered by the drain (see Sender._restamp)
         self.deadline_s = deadline_s
         self.done = threading.Event()
         self.base_offset = -1

@@ -39,6 +39,7 @@ import zmq
 from ingest.net import wire
 from ingest.net.batching import (
     RECORDS_PER_BATCH_MAX,
+    SEQUENCE_MODULUS,
     PackedRecords,
     choose_partitions,
     encode_batch_rows,
@@ -87,7 +88,6 @@ LINGER_MS_DEFAULT = 5
 # An accumulator is drained once it holds about this fraction of batch_bytes.
 ACCUMULATOR_FILL_FRACTION = 0.9
 PRODUCER_ID_BITS = 63
-SEQUENCE_MODULUS = 1 << 31  # Kafka's sequences are int32 and wrap to 0
 
 ACKS = {"0": wire.Durability.NONE, 0: wire.Durability.NONE,
         "1": wire.Durability.WRITTEN, 1: wire.Durability.WRITTEN,

@@ -34,7 +34,7 @@ import zmq
 from ingest.net import wire
 from ingest.net.client import BootstrapClient, Metadata, WorkerLink, configure
 from ingest.net.errors import ErrorCode, IngestError, WireError
-from ingest.net.batching import restamp
+from ingest.net.batching import SEQUENCE_MODULUS, restamp
 from ingest.net.futures import DeliveryTimeoutError, ProducerClosedError
 
 log = logging.getLogger("ingest.producer")
@@ -67,8 +67,8 @@ REFRESH_METADATA = frozenset({ErrorCode.NOT_OWNER, ErrorCode.UNKNOWN_TOPIC_OR_PA
 class _PartitionState:
     """Batches of one partition: queued (not sent) and in flight, both in sequence order."""
 
-    __slots__ = ("topic", "partition", "queue", "inflight", "producer_id", "backoff_ms",
-                 "retry_at_s")
+    __slots__ = ("topic", "partition", "queue", "inflight", "producer_id", "sequence_base",
+                 "backoff_ms", "retry_at_s")
 
     def __init__(self, topic: str, partition: int, producer_id: int) -> None:
         self.topic = topic
@@ -76,6 +76,9 @@ class _PartitionState:
         self.queue: deque = deque()
         self.inflight: list = []
         self.producer_id = producer_id
+        # The drain's sequence number that is 0 under producer_id: batches are renumbered
+        # from here when the partition continues under a new producer id.
+        self.sequence_base = 0
         self.backoff_ms = RETRY_BACKOFF_FIRST_MS
         self.retry_at_s = 0.0
 
@@ -186,7 +189,7 @@ class Sender(threading.Thread):
                 state = self.partitions[key] = _PartitionState(batch.topic, batch.partition,
                                                                self.producer.producer_id)
             if batch.producer_id != state.producer_id:
-                self._restamp(batch, state.producer_id)
+                self._restamp(batch, state)
             state.queue.append(batch)
             self.ready.add(state)
 
@@ -280,8 +283,9 @@ class Sender(threading.Thread):
                             state.partition, error)
                 self._rewind(state, batch)
                 state.producer_id = secrets.randbits(63)
+                state.sequence_base = batch.drain_sequence
                 for queued in state.queue:
-                    self._restamp(queued, state.producer_id)
+                    self._restamp(queued, state)
             else:
                 self._rewind(state, batch)  # an earlier batch is being retried: wait for it
             return
@@ -319,9 +323,12 @@ class Sender(threading.Thread):
                 self._rewind(state, state.inflight[0])
         self._refresh_metadata()
 
-    def _restamp(self, batch, producer_id: int) -> None:
-        restamp(batch.payload, producer_id)
-        batch.producer_id = producer_id
+    def _restamp(self, batch, state: _PartitionState) -> None:
+        """Stamp ``batch`` with the partition's current producer id, its records numbered
+        from 0 at ``state.sequence_base`` (a new id starts at sequence 0, as Kafka asks)."""
+        sequence = (batch.drain_sequence - state.sequence_base) % SEQUENCE_MODULUS
+        restamp(batch.payload, state.producer_id, sequence)
+        batch.producer_id, batch.base_sequence = state.producer_id, sequence
 
     def _finish(self, batch, base_offset: int = -1, error: BaseException | None = None) -> None:
         batch.base_offset = base_offset
