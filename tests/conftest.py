@@ -13,6 +13,7 @@ import pytest
 
 from tests.support import FAST_HEARTBEATS, Appliance
 
+
 @pytest.fixture
 def appliance(tmp_path):
     """The running appliance: .bootstrap, .data_dir, .process, .metrics_port and the
