@@ -101,6 +101,8 @@ class Sender(threading.Thread):
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
         self._stopping = False
+        self._stopped = False  # the loop has ended: submit() fails batches at once
+        self._why_stopped = "the producer closed before this batch was acknowledged"
         self._refreshed_s = 0.0
         self._expire_at_s = 0.0
         self._metadata_client = BootstrapClient(producer.bootstrap.endpoint, METADATA_TIMEOUT_MS, self.context)
@@ -109,7 +111,10 @@ class Sender(threading.Thread):
 
     def submit(self, batches: list) -> None:
         self.inbox.extend(batches)
-        self.wake()
+        if self._stopped:  # closed or crashed: nobody will send them
+            self._fail_inbox()
+        else:
+            self.wake()
 
     def wake(self) -> None:
         if not self._wake_pending:
@@ -139,8 +144,9 @@ class Sender(threading.Thread):
                 if now >= self._expire_at_s:
                     self._expire(now)
                     self._expire_at_s = now + EXPIRE_INTERVAL_MS / 1000
-        except Exception:  # a bug here must not leave futures hanging forever
+        except Exception as error:  # a bug here must not leave futures hanging forever
             log.exception("producer I/O thread failed")
+            self._why_stopped = f"the producer's I/O thread failed ({error!r}): see the log"
         finally:
             self._shutdown()
 
@@ -378,12 +384,22 @@ class Sender(threading.Thread):
         self.metadata = metadata
         self.producer.metadata = metadata
 
+    def _fail_inbox(self) -> None:
+        """Fail batches handed over after the loop ended (any thread may call this)."""
+        while True:
+            try:
+                batch = self.inbox.popleft()
+            except IndexError:
+                return
+            self._finish(batch, error=ProducerClosedError(self._why_stopped))
+
     def _shutdown(self) -> None:
         self._wake_pending = True  # from now on wake() must not write to the closed pipe
-        self._take_inbox()
+        self._stopped = True
+        self._fail_inbox()
         for state in self.partitions.values():
             for batch in (*state.inflight, *state.queue):
-                self._finish(batch, error=ProducerClosedError("the producer closed before this batch was acknowledged"))
+                self._finish(batch, error=ProducerClosedError(self._why_stopped))
             state.inflight.clear()
             state.queue.clear()
         for link in self.links.values():
