@@ -28,6 +28,7 @@ is answered with its original offsets instead of being stored twice.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import threading
@@ -65,6 +66,8 @@ from ingest.net.futures import (  # the errors are part of the producer's API
 )
 from ingest.net.sender import Sender
 from ingest.shards.batch import encode_headers
+
+log = logging.getLogger("ingest.producer")
 
 __all__ = ["BatchFuture", "BufferFullError", "DeliveryTimeoutError", "Producer", "ProducerClosedError",
            "RecordFuture"]
@@ -347,8 +350,12 @@ class Producer:
         deadline."""
         next_s = _NEVER
         for acc in list(self._accumulators.values()):
-            if acc.deadline_s <= now_s and not self._drain(acc, blocking=False):
-                next_s = now_s  # another thread is draining: look again soon
+            if acc.deadline_s <= now_s:
+                try:
+                    if not self._drain(acc, blocking=False):
+                        next_s = now_s  # another thread is draining: look again soon
+                except Exception:  # its futures carry the error; the I/O thread goes on
+                    log.exception("encoding records for %s failed", acc.topic)
             next_s = min(next_s, acc.deadline_s)
         return next_s
 
