@@ -451,17 +451,16 @@ class Consumer:
                                     if c.retry_at_s > now and not c.fetching])
         events = dict(poller.poll(max(0, int(wake_s * 1000))))
         for link in list(self._links.values()):
-            if events.get(link.monitor) and link.lost():
-                self._outbox.extendleft(reversed(link.reset()))
-                continue
             flags = events.get(link.socket, 0)
             if flags & zmq.POLLOUT:
                 link.blocked = False
-            if flags & zmq.POLLIN:
+            if flags & zmq.POLLIN:  # replies that arrived before a drop still count
                 for request, reply in list(link.replies()):
                     request.reply, request.done = reply, True
                     if request.on_reply is not None:
                         request.on_reply(reply)
+            if events.get(link.monitor) and link.lost():
+                self._outbox.extendleft(reversed(link.reset()))
         self._expire(time.monotonic())
 
     def _flush_outbox(self, now: float) -> None:

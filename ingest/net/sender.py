@@ -174,13 +174,14 @@ class Sender(threading.Thread):
             except BlockingIOError:
                 pass
         for link in list(self.links.values()):
-            if events.get(link.monitor) and link.lost():
-                self._on_link_lost(link, "connection lost")
-            elif events.get(link.socket, 0) & zmq.POLLIN:
+            flags = events.get(link.socket, 0)
+            if flags & zmq.POLLIN:  # replies that arrived before a drop still count
                 for batch, reply in list(link.replies()):
                     self._on_reply(link, batch, reply)
-            if events.get(link.socket, 0) & zmq.POLLOUT:
+            if flags & zmq.POLLOUT:
                 link.blocked = False
+            if events.get(link.monitor) and link.lost():
+                self._on_link_lost(link, "connection lost")
         for worker in list(self.blocked_pushes):
             if events.get(self.pushes[worker], 0) & zmq.POLLOUT:
                 self.blocked_pushes.discard(worker)
