@@ -12,8 +12,8 @@ when a topic's accumulator is drained: after ``linger_ms`` (by the I/O thread), 
 as it holds about ``batch_bytes`` (by the thread that sends the next record), or on
 ``flush()``. ``send_batch()`` hands many readings over in one call with one future.
 Each future is a live Python object: a caller that keeps hundreds of thousands of them
-pays CPython's garbage collector about as much again per record as send() itself (see
-bench/RESULTS.md); keep the futures you will check, or use send_batch().
+pays CPython's garbage collector two to four times what send() itself costs per record
+(see bench/RESULTS.md); keep the futures you will check, or use send_batch().
 
 Delivery. One I/O thread (``ingest.net.sender``) owns every socket. It keeps at most five
 batches in flight per partition, in sequence order, and resends the very same bytes after
