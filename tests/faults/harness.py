@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import zmq
 from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.shards import batch as batch_codec
+from ingest.shards.check import check_data_dir
 from ingest.shards.layout import RECORD_BATCH_OVERHEAD
 from tests.support import Appliance
 
@@ -74,6 +77,7 @@ class AckedProducer:
         self.sent: set[bytes] = set()
         self.batches_acked = 0
         self.resends = 0
+        self.retriable_errors: dict[str, int] = {}  # error name -> replies
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -179,8 +183,10 @@ class AckedProducer:
                         raise AssertionError(f"asked acks={self.acks}, reply says {reply.durability}")
                     return reply
                 if isinstance(reply, wire.ErrorReply) and reply.correlation_id == cid:
-                    if not ErrorCode(reply.error_code).retriable:
+                    code = ErrorCode(reply.error_code)
+                    if not code.retriable:
                         raise AssertionError(f"producer {self.producer_id}: non-retriable {reply}")
+                    self.retriable_errors[code.name] = self.retriable_errors.get(code.name, 0) + 1
                     time.sleep(RETRY_BACKOFF_S)
                     break  # resend now
         raise AssertionError(f"producer {self.producer_id}: batch never acked in {BATCH_ACK_DEADLINE_S} s")
@@ -344,6 +350,90 @@ def verify(app: Appliance, topic: str, partitions, producers: list[AckedProducer
     for p in partitions:
         total.add(verify_partition(app, topic, p, producers))
     return total
+
+
+# ---- rounds of faults under load ------------------------------------------------------
+
+
+# Small segments so that segments roll under load and recovery meets sealed segments,
+# recovery points and rolls cut short by the kill; fast heartbeats so a restarted worker
+# shows up (and metrics arrive) quickly.
+CONFIG = """
+[server]
+heartbeat_interval_ms = 100
+heartbeat_timeout_ms = 1000
+
+[storage]
+segment_bytes = 262144
+"""
+PARTITIONS = 4
+# Soak runs verify everything every this many rounds, and only what is new in between
+# (a full read of a log that grows every round would dominate a 200-round run).
+FULL_CHECK_EVERY_ROUNDS = 10
+# A restarted worker or appliance must serve again within this (cold numba cache, a
+# recovery scan and the supervisor's restart backoff, on a busy 2-core machine).
+RESTART_TIMEOUT_S = 60
+
+
+class RoundChecker:
+    """Verifies, after each round, the records acked before its fault; keeps the union
+    of every value found lost or stored twice over all rounds."""
+
+    def __init__(self, app: Appliance, topic: str, producers) -> None:
+        self.app, self.topic, self.producers = app, topic, producers
+        self.verified_end: dict[int, int] = {}
+        self.lost: set = set()
+        self.duplicated: set = set()
+        self.bad_rounds: list[int] = []
+        self.checks = 0
+
+    def snapshot(self) -> dict[int, dict[bytes, int]]:
+        by_partition: dict[int, dict[bytes, int]] = {}
+        for p in self.producers:
+            by_partition.setdefault(p.partition, {}).update(p.acked_snapshot())
+        return by_partition
+
+    def check(self, round_number: int, snapshot: dict[int, dict[bytes, int]]) -> None:
+        """Verify `snapshot` (acked before round `round_number`'s fault): all of each log
+        in quick mode and every FULL_CHECK_EVERY_ROUNDS in soak mode, else what is new."""
+        full = not SOAK or (round_number + 1) % FULL_CHECK_EVERY_ROUNDS == 0
+        verdict = Verdict()
+        for partition, acked in snapshot.items():
+            start = 0 if full else self.verified_end.get(partition, 0)
+            verdict.add(verify_partition(self.app, self.topic, partition, self.producers, acked, start))
+            self.verified_end[partition] = max(acked.values(), default=-1) + 1
+        self.checks += verdict.acked
+        self.lost |= {v for v, *_ in verdict.lost}
+        self.duplicated |= {v for v, _ in verdict.duplicated}
+        if verdict.lost or verdict.duplicated or verdict.foreign or verdict.corrupt_served:
+            self.bad_rounds.append(round_number)
+
+    def finish(self, row, final: Verdict) -> None:
+        self.lost |= {v for v, *_ in final.lost}
+        self.duplicated |= {v for v, _ in final.duplicated}
+        account(row, final)
+        row.lost, row.duplicated = len(self.lost), len(self.duplicated)
+        row.notes["per_round_checks"] = self.checks
+        assert not self.bad_rounds, f"rounds with lost or duplicated records: {self.bad_rounds}"
+
+
+def wait_for_progress(producers, batches: int = 2) -> None:
+    for p in producers:
+        if not p.wait_acked(batches, RESTART_TIMEOUT_S):
+            check_producers_healthy(producers)
+            raise AssertionError(f"producer {p.producer_id} made no progress")
+
+
+def ingest_check(data_dir) -> subprocess.CompletedProcess:
+    """`ingest check DATA_DIR` as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "ingest.cli", "check", str(data_dir)],
+                          capture_output=True, text=True)
+
+
+def assert_data_dir_checks_clean(data_dir) -> None:
+    """What `ingest check` verifies, in this process (saves starting one)."""
+    problems = check_data_dir(data_dir)
+    assert not problems, "\n".join(map(str, problems))
 
 
 # ---- files of a stopped appliance -------------------------------------------------------
