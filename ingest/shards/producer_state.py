@@ -58,7 +58,14 @@ class ProducerState:
         """
         entry = self.producers.get(producer_id)
         if entry is None:
-            return None  # unknown (new, or expired): accept, as Kafka does after expiry
+            # A producer this partition does not know must start at sequence 0: anything
+            # else means its earlier batches are not here (lost unacked, or its state
+            # expired), and storing this one would put it before them. Kafka refuses the
+            # same way; the producer starts over under a new id and resends in order.
+            if first_seq != 0:
+                raise OutOfOrderSequenceError(
+                    f"producer {producer_id} is unknown here and must start at sequence 0, not {first_seq}")
+            return None
         if epoch < entry.epoch:
             raise InvalidProducerEpochError(
                 f"producer {producer_id} epoch {epoch} is older than {entry.epoch}: fenced")
