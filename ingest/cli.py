@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-DEFAULT_BOOTSTRAP = "tcp://127.0.0.1:7400"
+from ingest.net.client import DEFAULT_BOOTSTRAP
 
 
 class CliError(Exception):
@@ -52,7 +53,7 @@ def cmd_produce(args) -> int:
     stream = open(args.file, "rb") if args.file else sys.stdin.buffer
     futures = []
     key = args.key.encode() if args.key is not None else None
-    with Producer(args.bootstrap, acks=acks) as producer:
+    with Producer(args.bootstrap, acks=acks, curve=_curve(args)) as producer:
         for line in stream:
             futures.append(producer.send(args.topic, line.rstrip(b"\r\n"), key=key))
         producer.flush()
@@ -81,7 +82,7 @@ def cmd_consume(args) -> int:
     out = sys.stdout.buffer
     count = 0
     with Consumer(args.bootstrap, args.topic, group=args.group, from_beginning=args.from_beginning,
-                  partitions=partitions) as consumer:
+                  partitions=partitions, curve=_curve(args)) as consumer:
         if args.offset is not None:
             if args.partition is None:
                 raise CliError("--offset needs --partition")
@@ -120,7 +121,7 @@ def cmd_topics(args) -> int:
 
     from ingest.net.client import BootstrapClient
 
-    with BootstrapClient(args.bootstrap) as client:
+    with BootstrapClient(args.bootstrap, curve=_curve(args)) as client:
         if args.action == "create":
             if not args.topic:
                 raise CliError("topics create needs a topic name")
@@ -144,7 +145,7 @@ def cmd_status(args) -> int:
 
     from ingest.net.client import BootstrapClient
 
-    with BootstrapClient(args.bootstrap) as client:
+    with BootstrapClient(args.bootstrap, curve=_curve(args)) as client:
         meta = client.metadata()
     if args.json:
         print(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
@@ -174,11 +175,28 @@ def cmd_check(args) -> int:
     return check.main([args.data_dir])
 
 
+def _curve(args):
+    """CURVE credentials from --curve-server-key/--curve-client-key (or their env vars)."""
+    if not args.curve_server_key and not args.curve_client_key:
+        return None
+    if not (args.curve_server_key and args.curve_client_key):
+        raise CliError("CURVE needs both --curve-server-key (appliance .key) and --curve-client-key (your .key_secret)")
+    from ingest.security import ClientCurve
+
+    return ClientCurve.from_files(args.curve_server_key, args.curve_client_key)
+
+
 # ---- parser ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ingest", description="IoT telemetry ingestion appliance")
     sub = p.add_subparsers(dest="command", required=True)
+    client = argparse.ArgumentParser(add_help=False)  # options of every command that connects
+    client.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    client.add_argument("--curve-server-key", default=os.environ.get("INGEST_CURVE_SERVER_KEY"),
+                        help="the appliance's public key file, when it requires CURVE")
+    client.add_argument("--curve-client-key", default=os.environ.get("INGEST_CURVE_CLIENT_KEY"),
+                        help="this client's secret key file (its public key must be authorized)")
 
     s = sub.add_parser("serve", help="run the appliance (supervisor + one worker per core)")
     s.add_argument("--config", help="TOML config file (optional; defaults are embedded)")
@@ -190,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--flush-interval-ms", type=int, help="group commit interval (default 5)")
     s.set_defaults(func=cmd_serve)
 
-    pr = sub.add_parser("produce", help="send one record per input line")
-    pr.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    pr = sub.add_parser("produce", help="send one record per input line", parents=[client])
     pr.add_argument("--topic", required=True)
     pr.add_argument("--key")
     pr.add_argument("--acks", default="fsync", choices=["0", "1", "fsync", "all"])
@@ -199,8 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--timeout-ms", type=int, default=120_000, help="how long to wait for all acks")
     pr.set_defaults(func=cmd_produce)
 
-    c = sub.add_parser("consume", help="print records, one per line")
-    c.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    c = sub.add_parser("consume", help="print records, one per line", parents=[client])
     c.add_argument("--topic", required=True)
     c.add_argument("--from-beginning", action="store_true")
     c.add_argument("--partition", type=int)
@@ -211,15 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["value", "json"], default="value")
     c.set_defaults(func=cmd_consume)
 
-    t = sub.add_parser("topics", help="list, create or describe topics")
+    t = sub.add_parser("topics", help="list, create or describe topics", parents=[client])
     t.add_argument("action", choices=["list", "create", "describe"])
     t.add_argument("topic", nargs="?")
     t.add_argument("--partitions", type=int)
-    t.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
     t.set_defaults(func=cmd_topics)
 
-    st = sub.add_parser("status", help="workers, endpoints and topics of a running appliance")
-    st.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    st = sub.add_parser("status", help="workers, endpoints and topics of a running appliance", parents=[client])
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 

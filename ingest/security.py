@@ -64,6 +64,32 @@ def generate_keys(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
+@dataclass(frozen=True, slots=True)
+class ClientCurve:
+    """A client's CURVE credentials: the appliance's public key and the client's key pair.
+
+    `apply(ctx)` makes every socket the context creates afterwards a CURVE client, which
+    is how the Producer, Consumer and bootstrap client all use it.
+    """
+
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def from_files(cls, server_key_file: str | os.PathLike, client_secret_key_file: str | os.PathLike) -> "ClientCurve":
+        server = load_key_pair(server_key_file)
+        client = load_key_pair(client_secret_key_file)
+        if client.secret is None:
+            raise SecurityError(f"{client_secret_key_file} holds no secret key: use the client's .key_secret file")
+        return cls(server.public, client.public, client.secret)
+
+    def apply(self, ctx: zmq.Context) -> None:
+        ctx.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
+        ctx.setsockopt(zmq.CURVE_PUBLICKEY, self.client_public)
+        ctx.setsockopt(zmq.CURVE_SECRETKEY, self.client_secret)
+
+
 class AllowList:
     """The set of allowed client public keys, from a directory of *.key files."""
 

@@ -22,7 +22,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from ingest import metrics
-from ingest.cli import DEFAULT_BOOTSTRAP
+from ingest.net.client import DEFAULT_BOOTSTRAP
 from ingest.clock import mono_ms
 from ingest.config import Config, ConfigError, TopicConfig
 from ingest.net import wire

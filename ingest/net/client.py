@@ -27,6 +27,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ingest.net import wire
+from ingest.security import ClientCurve
 from ingest.net.errors import ErrorCode, IngestError, WireError
 
 DEFAULT_BOOTSTRAP = "tcp://127.0.0.1:7400"
@@ -119,13 +120,15 @@ class BootstrapClient:
     """
 
     def __init__(self, bootstrap: str = DEFAULT_BOOTSTRAP, timeout_ms: int = BOOTSTRAP_TIMEOUT_MS,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: ClientCurve | None = None) -> None:
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be > 0, not {timeout_ms}")
         self.endpoint = bootstrap
         self.timeout_ms = timeout_ms
         self._own_context = context is None
         self._context = context or zmq.Context()
+        if curve is not None:
+            curve.apply(self._context)
         self._lock = threading.Lock()
         self._correlation_ids = itertools.count(1)
         self._socket: zmq.Socket | None = None

@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 
 from ingest.net import wire
+from ingest.security import ClientCurve
 from ingest.net.client import (
     BOOTSTRAP_TIMEOUT_MS,
     DEFAULT_BOOTSTRAP,
@@ -215,7 +216,7 @@ class Consumer:
                  partitions=None, *, max_wait_ms: int = MAX_WAIT_MS_DEFAULT,
                  max_bytes: int = MAX_BYTES_DEFAULT,
                  request_timeout_ms: int = REQUEST_TIMEOUT_MS_DEFAULT,
-                 bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS) -> None:
+                 bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS, curve: ClientCurve | None = None) -> None:
         if topic is None:
             raise ValueError("Consumer needs a topic")
         if not 0 <= max_wait_ms <= wire.MAX_FETCH_WAIT_MS:
@@ -229,6 +230,8 @@ class Consumer:
         self.max_bytes = max_bytes
         self.request_timeout_ms = request_timeout_ms
         self._context = zmq.Context()
+        if curve is not None:  # every socket of this consumer is a CURVE client
+            curve.apply(self._context)
         self._bootstrap = BootstrapClient(bootstrap, bootstrap_timeout_ms, self._context)
         self._links: dict[int, WorkerLink] = {}
         self._outbox: deque[_Request] = deque()

@@ -38,6 +38,7 @@ import numpy as np
 import zmq
 
 from ingest.net import wire
+from ingest.security import ClientCurve
 from ingest.net.batching import (
     RECORDS_PER_BATCH_MAX,
     SEQUENCE_MODULUS,
@@ -144,7 +145,7 @@ class Producer:
                  max_block_ms: int = MAX_BLOCK_MS_DEFAULT,
                  delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS_DEFAULT,
                  request_timeout_ms: int = REQUEST_TIMEOUT_MS_DEFAULT,
-                 bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS) -> None:
+                 bootstrap_timeout_ms: int = BOOTSTRAP_TIMEOUT_MS, curve: ClientCurve | None = None) -> None:
         if acks not in ACKS:
             raise ValueError(f"acks {acks!r}: use 0, 1, 'fsync' or 'all'")
         _check_range("linger_ms", linger_ms, 0, 60_000)
@@ -164,6 +165,8 @@ class Producer:
         # Random, not assigned by the appliance: see the module docstring for the odds.
         self.producer_id = secrets.randbits(PRODUCER_ID_BITS) if self.idempotent else -1
         self.context = zmq.Context()
+        if curve is not None:  # every socket of this producer is a CURVE client
+            curve.apply(self.context)
         self.bootstrap = BootstrapClient(bootstrap, bootstrap_timeout_ms, self.context)
         try:
             self.metadata = Metadata.parse(self.bootstrap.metadata())
