@@ -53,10 +53,18 @@ install:
 	sed -e 's|/opt/ingest|$(PREFIX)|g' -e 's|/etc/ingest|$(CONFDIR)|g' systemd/ingest.service > $(UNITDIR)/ingest.service.tmp
 	chmod 0644 $(UNITDIR)/ingest.service.tmp
 	mv $(UNITDIR)/ingest.service.tmp $(UNITDIR)/ingest.service
-	test -e $(CONFDIR)/ingest.toml || install -m 0644 systemd/ingest.toml $(CONFDIR)/ingest.toml
+	test -e $(CONFDIR)/ingest.toml || sed -e 's|/etc/ingest|$(CONFDIR)|g' systemd/ingest.toml > $(CONFDIR)/ingest.toml
+	chmod 0644 $(CONFDIR)/ingest.toml
+	# CURVE keys (the example config turns CURVE on): the appliance's pair, handed to the
+	# service as a credential, and a pair for the local operator's CLI, authorized.
+	install -d -m 0755 $(CONFDIR)/keys $(CONFDIR)/keys/authorized
+	test -e $(CONFDIR)/keys/appliance.key_secret || $(PREFIX)/bin/ingest keys generate $(CONFDIR)/keys --name appliance
+	test -e $(CONFDIR)/keys/local.key_secret || $(PREFIX)/bin/ingest keys generate $(CONFDIR)/keys --name local
+	test -e $(CONFDIR)/keys/authorized/local.key || install -m 0644 $(CONFDIR)/keys/local.key $(CONFDIR)/keys/authorized/local.key
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed: $(PREFIX) $(UNITDIR)/ingest.service $(CONFDIR)/ingest.toml"
 	@echo "next: edit $(CONFDIR)/ingest.toml, then systemctl enable --now ingest"
+	@echo "clients need $(CONFDIR)/keys/appliance.key and a key pair whose .key is in $(CONFDIR)/keys/authorized/"
 
 # Debian packages the tests start for real (root; each script installs only what is missing):
 # systemd, systemd-container and debootstrap for tests/test_systemd.py, prometheus and

@@ -10,6 +10,7 @@ Example (every key optional):
     advertised_host = ""     # what metadata tells clients; default: bind, or hostname if 0.0.0.0
     port = 7400              # bootstrap; worker i uses port + 1 + 2*i (PULL), port + 2 + 2*i (ROUTER)
     metrics_port = 9740
+    metrics_bind = "127.0.0.1"   # HTTP /metrics /healthz /readyz; "0.0.0.0" for a remote Prometheus
     data_dir = "./data"
     workers = "auto"         # or a number
     auto_create_topics = true
@@ -98,6 +99,8 @@ class ServerConfig:
     advertised_host: str = ""  # what clients are told to connect to; "" = bind (or hostname)
     port: int = 7400
     metrics_port: int = 9740
+    # /metrics, /healthz, /readyz: loopback unless asked, even when devices reach `bind`.
+    metrics_bind: str = "127.0.0.1"
     data_dir: Path = Path("./data")
     workers: int = 0  # 0 = usable cores
     auto_create_topics: bool = True
@@ -136,13 +139,14 @@ class Config:
         """Where the appliance binds `port`."""
         return f"tcp://{self.server.bind}:{port}"
 
-    def advertised_endpoint(self, port: int) -> str:
-        """Where clients connect to `port` (metadata, banner): advertised_host if set, else
-        the bind address, or this machine's name when bound to every interface."""
+    def advertised_host(self) -> str:
+        """What clients connect to (metadata, banner): advertised_host if set, else the
+        bind address, or this machine's name when bound to every interface."""
         host = self.server.advertised_host or self.server.bind
-        if host in WILDCARD_HOSTS:
-            host = socket.gethostname()
-        return f"tcp://{host}:{port}"
+        return socket.gethostname() if host in WILDCARD_HOSTS else host
+
+    def advertised_endpoint(self, port: int) -> str:
+        return f"tcp://{self.advertised_host()}:{port}"
 
     def local_endpoint(self, port: int) -> str:
         """Where another process of this appliance connects to `port` (same machine)."""

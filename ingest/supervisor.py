@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from ingest import metrics
 from ingest.net.client import DEFAULT_BOOTSTRAP
 from ingest.clock import mono_ms
-from ingest.config import Config, ConfigError, TopicConfig
+from ingest.config import WILDCARD_HOSTS, Config, ConfigError, TopicConfig
 from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.sdnotify import Notifier, watchdog_interval_ms
@@ -123,7 +123,7 @@ class Supervisor:
         self.bootstrap.bind(self.config.endpoint(self.config.server.port))
         registry = CollectorRegistry()
         registry.register(metrics.ApplianceCollector(self.store, self.worker_rows, self.data_dir))
-        self._http = metrics.HttpServer(self.config.server.bind, self.config.server.metrics_port,
+        self._http = metrics.HttpServer(self.config.server.metrics_bind, self.config.server.metrics_port,
                                         registry, self.health, self.is_ready)
         self._http.start()
 
@@ -248,7 +248,13 @@ class Supervisor:
                 "default_partitions": self.config.partitions_default,
                 "auto_create_topics": self.config.server.auto_create_topics,
                 "curve": self.guard.enabled,
-                "metrics": f"http://{self.config.server.bind}:{self._http.port if self._http else 0}/metrics"}
+                "metrics": self.metrics_url()}
+
+    def metrics_url(self) -> str:
+        host = self.config.server.metrics_bind
+        if host in WILDCARD_HOSTS:
+            host = self.config.advertised_host()
+        return f"http://{host}:{self._http.port if self._http else 0}/metrics"
 
     def _on_bootstrap(self) -> None:
         while True:
@@ -301,7 +307,7 @@ class Supervisor:
     def banner(self) -> str:
         lines = [f"ingest ready (appliance {self.appliance_id}, data {self.data_dir.resolve()})",
                  f"  bootstrap  {self.config.advertised_endpoint(self.config.server.port)}",
-                 f"  metrics    http://{self.config.server.bind}:{self._http.port}/metrics"]
+                 f"  metrics    {self.metrics_url()}"]
         for row in self.worker_rows():
             lines.append(f"  worker {row['id']}   push {row['pull']}   requests {row['router']}")
         for name, t in self.topics.as_dict().items():
