@@ -9,8 +9,13 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from ingest.net.client import DEFAULT_BOOTSTRAP
+
+
+# `ingest status` samples the metrics twice this far apart to show rates.
+STATUS_RATE_INTERVAL_S = 0.5
 
 
 class CliError(Exception):
@@ -27,7 +32,7 @@ def cmd_serve(args) -> int:
     from ingest import config as config_mod
     from ingest.supervisor import Supervisor
 
-    server = {"data_dir": args.data_dir, "bind": args.bind, "port": args.port,
+    server = {"data_dir": args.data_dir, "bind": args.bind, "port": args.port, "advertised_host": args.advertised_host,
               "metrics_port": args.metrics_port,
               "workers": None if args.workers is None else (0 if args.workers == "auto" else _int(args.workers, "--workers"))}
     storage = {"flush_interval_ms": args.flush_interval_ms}
@@ -147,17 +152,54 @@ def cmd_status(args) -> int:
 
     with BootstrapClient(args.bootstrap, curve=_curve(args)) as client:
         meta = client.metadata()
-    if args.json:
-        print(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
-        return 0
-    print(f"appliance {meta['appliance_id']}  bootstrap {args.bootstrap}  metrics {meta.get('metrics')}")
-    for w in meta["workers"]:
-        state = "up" if w["up"] else "DOWN"
-        print(f"  worker {w['id']}  {state:4}  pid {w['pid']}  push {w['pull']}  requests {w['router']}  restarts {w['restarts']}")
-    for name, t in meta["topics"].items():
-        raw = f"  raw port {t['raw_port']}" if t.get("raw_port") else ""
-        print(f"  topic {name}  {t['partitions']} partitions{raw}")
+        if args.json:
+            print(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode())
+        else:
+            before = _scrape(meta)
+            time.sleep(STATUS_RATE_INTERVAL_S)
+            meta = client.metadata()
+            print(_render(meta, _scrape(meta), before, STATUS_RATE_INTERVAL_S, args.bootstrap))
     return 0 if all(w["up"] for w in meta["workers"]) else 1
+
+
+def cmd_top(args) -> int:
+    from ingest.net.client import BootstrapClient
+
+    interval_s = args.interval_ms / 1000
+    shown = 0
+    with BootstrapClient(args.bootstrap, curve=_curve(args)) as client:
+        before = None
+        while not args.iterations or shown < args.iterations:
+            meta = client.metadata()
+            now = _scrape(meta)
+            screen = _render(meta, now, before, interval_s, args.bootstrap)
+            sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n" if sys.stdout.isatty() else screen + "\n\n")
+            sys.stdout.flush()
+            before, shown = now, shown + 1
+            if not args.iterations or shown < args.iterations:
+                time.sleep(interval_s)
+    return 0
+
+
+def _scrape(meta: dict):
+    """The appliance's /metrics as samples, or None if it cannot be read from here."""
+    import urllib.request
+
+    from ingest.status import parse_metrics
+
+    try:
+        with urllib.request.urlopen(meta["metrics"], timeout=2) as response:
+            return parse_metrics(response.read().decode())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _render(meta: dict, now, before, interval_s: float, bootstrap: str) -> str:
+    from ingest.status import render
+
+    if now is None:
+        return render(meta, {}, None, 0, bootstrap) + f"\n(metrics at {meta.get('metrics')} unreachable from here)"
+    return render(meta, now, before, interval_s, bootstrap)
 
 
 def cmd_keys(args) -> int:
@@ -204,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", help="number of workers or 'auto' (usable cores)")
     s.add_argument("--bind", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="bootstrap port (default 7400); workers use the ports after it")
+    s.add_argument("--advertised-host", help="host name clients are told to connect to (default: bind address)")
     s.add_argument("--metrics-port", type=int, help="HTTP port for /metrics, /healthz, /readyz (default 9740)")
     s.add_argument("--flush-interval-ms", type=int, help="group commit interval (default 5)")
     s.set_defaults(func=cmd_serve)
@@ -236,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="workers, endpoints and topics of a running appliance", parents=[client])
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    tp = sub.add_parser("top", help="the status table, refreshed live", parents=[client])
+    tp.add_argument("--interval-ms", type=int, default=1000)
+    tp.add_argument("--iterations", type=int, default=0, help="screens to show (0: until Ctrl-C)")
+    tp.set_defaults(func=cmd_top)
 
     k = sub.add_parser("keys", help="generate a CURVE key pair (appliance or client)")
     k.add_argument("action", choices=["generate"])

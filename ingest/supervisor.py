@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -325,6 +326,7 @@ class Supervisor:
         self._stop_requested = True
 
     def run(self) -> int:
+        _raise_open_files_limit()
         self._prepare_data_dir()
         self._bind()
         signal.signal(signal.SIGTERM, self._request_stop)
@@ -372,6 +374,17 @@ class Supervisor:
         self.ctx.destroy(linger=0)
         log.info("stopped %s", "cleanly" if clean else "with errors")
         return 0 if clean else 1
+
+
+def _raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (inherited by workers): every device
+    connection holds a descriptor, and runtimes often start processes at a soft 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20), hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit from %d: %s", soft, e)
 
 
 def _cli_path() -> str:

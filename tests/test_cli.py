@@ -7,6 +7,8 @@ import sys
 
 import orjson
 
+from tests.support import eventually
+
 INGEST = [sys.executable, "-m", "ingest.cli"]
 
 
@@ -71,3 +73,24 @@ def test_user_errors_are_one_line_without_a_traceback(appliance, tmp_path):
         assert result.returncode != 0, args
         assert b"Traceback" not in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+
+
+def test_status_and_top_show_workers_partitions_offsets_and_lag(appliance):
+    sent = ingest("produce", "--bootstrap", appliance.bootstrap, "--topic", "seen", stdin=b"x\n" * 300)
+    assert sent.returncode == 0, sent.stderr
+    read = ingest("consume", "--bootstrap", appliance.bootstrap, "--topic", "seen", "--from-beginning",
+                  "--group", "ops", "--max-records", "100")
+    assert read.returncode == 0, read.stderr
+    # The offsets reach the supervisor with the next heartbeat.
+    assert eventually(lambda: b"GROUP" in ingest("status", "--bootstrap", appliance.bootstrap).stdout)
+    status = ingest("status", "--bootstrap", appliance.bootstrap)
+    assert status.returncode == 0, status.stderr
+    text = status.stdout.decode()
+    for header in ("WORKER", "STATE", "RSS", "TOPIC", "END", "RECORDS/S", "GROUP", "LAG"):
+        assert header in text
+    ends = {line.split()[1]: int(line.split()[3]) for line in text.splitlines() if line.startswith("seen ")}
+    assert sum(ends.values()) == 300
+    lags = [int(line.split()[3]) for line in text.splitlines() if line.startswith("ops ")]
+    assert sum(lags) == 200
+    top = ingest("top", "--bootstrap", appliance.bootstrap, "--iterations", "2", "--interval-ms", "200")
+    assert top.returncode == 0 and top.stdout.count(b"WORKER") == 2, top.stderr
