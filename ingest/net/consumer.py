@@ -74,7 +74,7 @@ class Record(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class ColumnChunk:
+class ColumnChunk(batch_codec.RowFields):
     """Records fetched from one partition as parallel arrays over one buffer.
 
     Record i's value is ``buffer[value_offsets[i]:][:value_lengths[i]]`` (length -1: null),
@@ -98,15 +98,8 @@ class ColumnChunk:
     def __len__(self) -> int:
         return self.offsets.size
 
-    def value(self, i: int) -> bytes | None:
-        return _field(self.raw, int(self.value_offsets[i]), int(self.value_lengths[i]))
-
-    def key(self, i: int) -> bytes | None:
-        return _field(self.raw, int(self.key_offsets[i]), int(self.key_lengths[i]))
-
-    def headers(self, i: int) -> tuple[tuple[str, bytes | None], ...]:
-        at, length = int(self.header_offsets[i]), int(self.header_lengths[i])
-        return batch_codec.decode_headers(self.raw[at:at + length]) if length else ()
+    def _row_source(self) -> bytes:
+        return self.raw
 
     def values(self) -> list[bytes | None]:
         raw = self.raw
@@ -136,10 +129,6 @@ class ColumnChunk:
 
 _ROW_FIELDS = ("offsets", "timestamps_ms", "key_offsets", "key_lengths", "value_offsets",
                "value_lengths", "header_offsets", "header_lengths")
-
-
-def _field(raw: bytes, offset: int, length: int) -> bytes | None:
-    return None if length < 0 else raw[offset:offset + length]
 
 
 def decode_chunk(topic: str, partition: int, high_watermark: int, raw: bytes,

@@ -352,8 +352,9 @@ def decode_headers(raw) -> tuple[tuple[str, bytes | None], ...]:
     return tuple(headers)
 
 
-def _field(buf: np.ndarray, offset: int, length: int) -> bytes | None:
-    return None if length < 0 else buf[offset:offset + length].tobytes()
+def _field(buf, offset: int, length: int) -> bytes | None:
+    """buf[offset:offset+length] as bytes (buf: bytes or a uint8 array); length -1: null."""
+    return None if length < 0 else bytes(buf[offset:offset + length])
 
 
 def decode_batch(buf, pos: int = 0,
@@ -404,8 +405,28 @@ def iter_batches(buf) -> Iterator[tuple[int, BatchHeader]]:
         pos += header.size_bytes
 
 
+class RowFields:
+    """key(i), value(i) and headers(i) of records held as columns (key_offsets,
+    key_lengths, ...) over the bytes `_row_source()` returns."""
+
+    __slots__ = ()
+
+    def _row_source(self):
+        raise NotImplementedError
+
+    def key(self, i: int) -> bytes | None:
+        return _field(self._row_source(), int(self.key_offsets[i]), int(self.key_lengths[i]))
+
+    def value(self, i: int) -> bytes | None:
+        return _field(self._row_source(), int(self.value_offsets[i]), int(self.value_lengths[i]))
+
+    def headers(self, i: int) -> tuple[tuple[str, bytes | None], ...]:
+        at, length = int(self.header_offsets[i]), int(self.header_lengths[i])
+        return decode_headers(bytes(self._row_source()[at:at + length])) if length else ()
+
+
 @dataclass(frozen=True, slots=True)
-class Columns:
+class Columns(RowFields):
     """Records of consecutive batches as parallel arrays; offsets/lengths index `buffer`
     (length -1: null key or value; header_lengths 0: no headers, else the raw Kafka header
     bytes from the headersCount varint on, ready for encode_columns)."""
@@ -424,15 +445,8 @@ class Columns:
     def __len__(self) -> int:
         return self.offsets.size
 
-    def key(self, i: int) -> bytes | None:
-        return _field(self.buffer, int(self.key_offsets[i]), int(self.key_lengths[i]))
-
-    def value(self, i: int) -> bytes | None:
-        return _field(self.buffer, int(self.value_offsets[i]), int(self.value_lengths[i]))
-
-    def headers(self, i: int) -> tuple[tuple[str, bytes | None], ...]:
-        at, length = int(self.header_offsets[i]), int(self.header_lengths[i])
-        return decode_headers(self.buffer[at:at + length])
+    def _row_source(self):
+        return self.buffer
 
 
 def decode_columns(buf, max_batch_bytes: int = READ_BATCH_BYTES_MAX) -> Columns:
