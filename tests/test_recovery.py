@@ -265,3 +265,37 @@ def test_lowering_max_batch_bytes_never_makes_recovery_cut_valid_batches(tmp_pat
     assert recovered.recovered_by_scan and recovered.log_end_offset == end == 5
     recovered.close()
     log.close()
+
+
+def test_rot_at_rest_after_a_clean_shutdown_is_found_on_read_and_never_served(tmp_path):
+    """The clean-shutdown marker skips the scan, so a bit flipped while stopped is caught
+    when the bytes are first read: the batch is reported, nothing corrupt is returned, and
+    appends go on in a new segment."""
+    log = build_log(tmp_path / "t-0", 40)
+    end = log.log_end_offset
+    active = Path(log.segments[-1].path)
+    log.close()
+    data = bytearray(active.read_bytes())
+    batches = parse_batches(bytes(data))
+    victim = batches[len(batches) // 2]
+    data[victim.position + victim.size - 1] ^= 0x01  # inside the records: the CRC catches it
+    active.write_bytes(bytes(data))
+    reopened = Log(tmp_path / "t-0", CONFIG)
+    assert not reopened.recovered_by_scan
+    served, offset = [], reopened.log_start_offset
+    while offset < end:
+        try:
+            chunk = reopened.read(offset, 1 << 20)
+        except CorruptDataError as e:
+            assert e.offset == victim.base_offset
+            offset = max(offset + 1, e.next_good_offset)
+            continue
+        parsed = parse_batches(chunk)
+        assert parsed and all(b.crc_ok for b in parsed)
+        served += parsed
+        offset = parsed[-1].last_offset + 1
+    assert victim.base_offset not in {b.base_offset for b in served}
+    assert [p.offset for p in reopened.problems] == [victim.base_offset]
+    base, _ = reopened.append(make_batch(count=2))
+    assert base == end and len(parse_batches(reopened.read(base, 1 << 20))) == 1
+    reopened.close()

@@ -526,6 +526,22 @@ _MURMUR2_M = 0x5BD1E995
 
 
 @njit(cache=True)
+def verify_batches(buf, start, end, max_batch_bytes):
+    """Validate the consecutive whole batches in buf[start:end] (a read about to be
+    served): (end of the valid prefix, error code of the first bad batch or OK, last
+    offset of the last valid batch or -1). No allocation, unlike scan_batches."""
+    pos = start
+    last_offset = -1
+    while pos < end:
+        code = validate_batch(buf, pos, end, max_batch_bytes)
+        if code != OK:
+            return pos, code, last_offset
+        last_offset = _read_i64(buf, pos) + _read_i32(buf, pos + LAST_OFFSET_DELTA_OFFSET)
+        pos += LOG_OVERHEAD + _read_i32(buf, pos + LENGTH_OFFSET)
+    return pos, OK, last_offset
+
+
+@njit(cache=True)
 def murmur2(buf, start, end):
     """Kafka's Utils.murmur2 of buf[start:end], as the signed int32 Java returns."""
     length = end - start
@@ -881,5 +897,6 @@ def warm_up() -> None:
         rows = [np.zeros(1, dtype=np.int64) for _ in range(5)]
         scan_batches(batch, 0, batch.size, BATCH_LENGTH_MAX, *rows)
         count_records(batch, 0, batch.size)
+        verify_batches(batch, 0, batch.size, BATCH_LENGTH_MAX)
         decode_columns_into(batch, 0, batch.size, BATCH_LENGTH_MAX, np.zeros((COLUMNS, 1), dtype=np.int64))
         partition_for_key(data, 0, data.size, 1)

@@ -46,6 +46,7 @@ from ingest.shards.segment import (
     Problem,
     ScanResult,
     Segment,
+    StaleTrustError,
     parse_segment_file_name,
     storage_error,
 )
@@ -563,7 +564,35 @@ class Log:
         batch, however large; b"" at log_end_offset), all from one segment.
         Raises OffsetOutOfRangeError, or CorruptDataError in a corrupt region."""
         segment = self._segment_for(offset)
-        return b"" if segment is None else segment.read(offset, max_bytes)[1]
+        if segment is None:
+            return b""
+        try:
+            return segment.read(offset, max_bytes)[1]
+        except StaleTrustError as err:
+            logger.error("%s; scanning the segment", err)
+            self._rescan(segment)
+            return segment.read(offset, max_bytes)[1]  # scanned: validated, nothing trusted
+
+    def _rescan(self, segment: Segment) -> None:
+        """Scan a segment trusted at open whose bytes failed validation on read: rebuild its
+        indexes and report any corrupt batch (never served). Nothing is cut: after a clean
+        shutdown every byte was acknowledged; the active segment's appends move to a new
+        segment instead."""
+        i = self._segments.index(segment)
+        if segment is not self.active:
+            self._recover_sealed(segment, self._segments[i + 1].base_offset)
+            return
+        end = segment.next_offset
+        scan = self._scan(segment)
+        if scan.valid_bytes == scan.file_bytes:
+            return
+        problem = Problem(segment.path, scan.valid_bytes, scan.next_offset,
+                          f"{scan.error}; offsets {scan.next_offset}..{end - 1} are not served")
+        logger.error("corrupt data: %s", problem)
+        self.problems.append(problem)
+        segment.mark_corrupt(problem)
+        segment.next_offset = end
+        self._roll()
 
     def file_region(self, offset: int, max_bytes: int) -> tuple[int, int, int]:
         """(fd, position, length) of what read() would return, for os.sendfile. The fd

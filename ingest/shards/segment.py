@@ -23,7 +23,8 @@ import numpy as np
 
 from ingest.errors import CorruptDataError, DiskFullError, StorageError
 from ingest.shards import kernels
-from ingest.shards.batch import CorruptBatchError, UnsupportedCompressionError, decode_batch
+from ingest.shards.batch import (READ_BATCH_BYTES_MAX, CorruptBatchError, UnsupportedCompressionError,
+                                 decode_batch)
 from ingest.shards.index import (
     INT32_MAX,
     NO_TIMESTAMP,
@@ -83,6 +84,11 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.position}: offset {self.offset}: {self.message}"
+
+
+class StaleTrustError(Exception):
+    """Bytes trusted at open (clean shutdown) are not valid batches where the indexes
+    point: rot at rest, or a garbled index. The segment needs a scan before serving."""
 
 
 @dataclass(slots=True)
@@ -174,6 +180,8 @@ class Segment:
         self.size_bytes = 0
         # Reads never go past this; below size_bytes only when a corrupt batch is there.
         self.readable_bytes = 0
+        # Bytes [0, unverified_bytes) were not validated by this process (trusted at open).
+        self.unverified_bytes = 0
         self.corruption: Problem | None = None
         self.next_offset = base_offset
         self.max_timestamp_ms = NO_TIMESTAMP
@@ -207,6 +215,9 @@ class Segment:
         created_ms = os.fstat(fd).st_mtime_ns // 1_000_000
         segment = cls(directory, base_offset, index_interval_bytes, fd, created_ms)
         segment.size_bytes = segment.readable_bytes = os.fstat(fd).st_size
+        # Trusted after a clean shutdown, but bits can rot while stopped: reads of what was
+        # there before this open are validated before they are served (recover() clears it).
+        segment.unverified_bytes = segment.size_bytes
         return segment
 
     def load_indexes(self, next_offset: int | None) -> bool:
@@ -245,6 +256,7 @@ class Segment:
         self._last_indexed_position = int(scan.positions[rows[-1]]) if rows.size else 0
         self.size_bytes = scan.file_bytes
         self.readable_bytes = scan.valid_bytes
+        self.unverified_bytes = 0  # the scan validated every batch it kept
         self.next_offset = scan.next_offset
         self.max_timestamp_ms, self.offset_of_max_timestamp = NO_TIMESTAMP, self.base_offset
         if scan.count:
@@ -424,11 +436,20 @@ class Segment:
         return position, self.whole_batches_end(position, max_bytes) - position
 
     def read(self, offset: int, max_bytes: int) -> tuple[int, bytes]:
-        """(position, bytes) of whole batches from the one holding `offset`, as file_region."""
+        """(position, bytes) of whole batches from the one holding `offset`, as file_region.
+
+        Bytes this process did not validate itself (trusted at open) are validated first;
+        if they do not hold valid batches where the indexes say, StaleTrustError: the
+        caller rescans the segment (as after a crash) and reads again."""
         position, length = self.file_region(offset, max_bytes)
         data = os.pread(self._fd, length, position)
         if len(data) != length:
             raise StorageError(0, f"{self.path} is shorter than expected at byte {position}")
+        if position < self.unverified_bytes:
+            buf = np.frombuffer(data, np.uint8)
+            _, code, _ = kernels.verify_batches(buf, 0, buf.size, READ_BATCH_BYTES_MAX)
+            if code != kernels.OK:
+                raise StaleTrustError(f"{self.path}: {kernels.ERROR_NAMES[code]} in bytes read from {position}")
         return position, data
 
     def find_offset_by_timestamp(self, timestamp_ms: int, start_offset: int) -> int | None:
