@@ -101,9 +101,9 @@ def bench_send_call(value_bytes: int, repeats: int) -> dict:
 # ---- 2. against the appliance ------------------------------------------------------------
 
 def _produce(bootstrap: str, topic: str, acks, values: list, use_batch: bool,
-             keep_futures: bool = True) -> float:
+             keep_futures: bool = True, curve=None) -> float:
     count = len(values)
-    with Producer(bootstrap, acks=acks) as producer:
+    with Producer(bootstrap, acks=acks, curve=curve) as producer:
         producer.send(topic, b"warm-up").result(30)  # metadata, connections, numba loaded
         started = time.perf_counter()
         if use_batch:
@@ -125,8 +125,8 @@ def _produce(bootstrap: str, topic: str, acks, values: list, use_batch: bool,
     return count / elapsed
 
 
-def _consume(bootstrap: str, topic: str, count: int, columns: bool) -> float:
-    with Consumer(bootstrap, topic, from_beginning=True) as consumer:
+def _consume(bootstrap: str, topic: str, count: int, columns: bool, curve=None) -> float:
+    with Consumer(bootstrap, topic, from_beginning=True, curve=curve) as consumer:
         got = 0
         started = time.perf_counter()
         if columns:
