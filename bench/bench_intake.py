@@ -1,6 +1,6 @@
 """Fire-and-forget intake next to its ceiling, in one run on this machine.
 
-    python -m bench.bench_intake [--records N] [--value-bytes B]
+    python -m bench.bench_intake [--records N] [--value-bytes B] [--repeats R]
 
 1. raw pyzmq PUSH -> PULL: a Python sender process, a Python receiver process that only
    counts frames (copy=True recv loop). This is the ceiling of the transport.
@@ -16,6 +16,7 @@ with this command line.
 from __future__ import annotations
 
 import argparse
+import statistics
 import multiprocessing as mp
 import tempfile
 import time
@@ -27,6 +28,7 @@ from ingest.net import wire
 from tests.support import Appliance
 
 SNDHWM = 1_000_000
+CEILING = "raw pyzmq PUSH->PULL (ceiling)"
 
 
 def _sender(endpoint: str, frame: bytes, count: int, ready, go) -> None:
@@ -99,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=2_000_000)
     parser.add_argument("--value-bytes", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     value = b"x" * args.value_bytes
     record_frame = wire.RecordMessage(topic="bench", value=value).encode()
@@ -107,17 +110,21 @@ def main() -> None:
         app.config_text = f'[[topic]]\nname = "bench"\npartitions = 1\nraw_port = {app.port + 30}\n'
         app.start()
         try:
-            rows = []
-            ceiling = raw_ceiling(value, args.records, app.port + 35)
-            rows.append(("raw pyzmq PUSH->PULL (ceiling)", ceiling))
             push_endpoint = app.worker_endpoints(0)[0]
-            rows.append(("ingest PUSH single RECORD frames", ingest_rate(app, push_endpoint, record_frame,
-                                                                         args.records, "bench")))
-            rows.append(("ingest raw listener (bare values)", ingest_rate(app, f"tcp://127.0.0.1:{app.port + 30}",
-                                                                          value, args.records, "bench")))
+            raw_endpoint = f"tcp://127.0.0.1:{app.port + 30}"
+            runs: dict[str, list[float]] = {}
+            for _ in range(args.repeats):  # interleaved, so the machine's noise hits every row alike
+                runs.setdefault(CEILING, []).append(raw_ceiling(value, args.records, app.port + 35))
+                runs.setdefault("ingest PUSH single RECORD frames", []).append(
+                    ingest_rate(app, push_endpoint, record_frame, args.records, "bench"))
+                runs.setdefault("ingest raw listener (bare values)", []).append(
+                    ingest_rate(app, raw_endpoint, value, args.records, "bench"))
         finally:
             app.stop()
-    print(f"{args.records} records of {args.value_bytes} B, one sender process, ingest --workers 1")
+    rows = [(name, statistics.median(rates)) for name, rates in runs.items()]
+    ceiling = rows[0][1]
+    print(f"{args.records} records of {args.value_bytes} B, one sender process, ingest --workers 1, "
+          f"median of {args.repeats} interleaved runs")
     print(f"{'path':40} {'records/s':>12} {'vs ceiling':>10}")
     for name, rate in rows:
         print(f"{name:40} {rate:12,.0f} {rate / ceiling:10.2f}")
