@@ -42,6 +42,14 @@ REQUESTS_IN_FLIGHT_MAX = 32
 # few hundred milliseconds, so poll for it often at first, and at most every second.
 RECONNECT_IVL_MS = 50
 RECONNECT_IVL_MAX_MS = 1_000
+# Retries of a failed request back off from the first to the max, doubling.
+RETRY_BACKOFF_FIRST_MS = 20
+RETRY_BACKOFF_MAX_MS = 1_000
+# Metadata is asked for again at most this often, however many errors call for it.
+METADATA_REFRESH_MIN_INTERVAL_MS = 500
+# Errors after which a request is simply tried again later (with fresh metadata).
+RETRIABLE = frozenset(code for code in ErrorCode if code.retriable) | {
+    ErrorCode.UNKNOWN_TOPIC_OR_PARTITION}  # a new topic reaches the workers a moment after it is created
 # Correlation ids are u32 on the wire; a link's counter wraps there.
 CORRELATION_ID_MODULUS = 1 << 32
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED

@@ -35,6 +35,10 @@ import zmq
 from ingest.net import wire
 from ingest.security import ClientCurve
 from ingest.net.client import (
+    METADATA_REFRESH_MIN_INTERVAL_MS,
+    RETRIABLE,
+    RETRY_BACKOFF_FIRST_MS,
+    RETRY_BACKOFF_MAX_MS,
     BOOTSTRAP_TIMEOUT_MS,
     DEFAULT_BOOTSTRAP,
     BootstrapClient,
@@ -53,14 +57,7 @@ MAX_BYTES_DEFAULT = 1 << 20
 # Fetched chunks waiting to be consumed per partition: one being read, one arriving.
 CHUNKS_BUFFERED_MAX = 2
 REQUEST_TIMEOUT_MS_DEFAULT = 30_000
-RETRY_BACKOFF_FIRST_MS = 20
-RETRY_BACKOFF_MAX_MS = 1_000
 POLL_BATCH_TIMEOUT_MS_DEFAULT = 1_000
-# Metadata is asked for again at most this often, however many errors call for it.
-METADATA_REFRESH_MIN_INTERVAL_MS = 500
-# Errors after which a fetch is simply tried again later.
-RETRIABLE = frozenset(code for code in ErrorCode if code.retriable) | {
-    ErrorCode.UNKNOWN_TOPIC_OR_PARTITION}  # a new topic reaches the workers a moment after it is created
 
 
 class Record(NamedTuple):

@@ -32,7 +32,8 @@ from collections import deque
 import zmq
 
 from ingest.net import wire
-from ingest.net.client import BootstrapClient, Metadata, WorkerLink, configure
+from ingest.net.client import (METADATA_REFRESH_MIN_INTERVAL_MS, RETRIABLE, RETRY_BACKOFF_FIRST_MS,
+                               RETRY_BACKOFF_MAX_MS, BootstrapClient, Metadata, WorkerLink, configure)
 from ingest.net.errors import ErrorCode, IngestError, WireError
 from ingest.net.batching import SEQUENCE_MODULUS, restamp
 from ingest.net.futures import DeliveryTimeoutError, ProducerClosedError
@@ -43,10 +44,6 @@ log = logging.getLogger("ingest.producer")
 # of batches per producer a worker remembers for dedupe (producer_state.RETAINED_BATCHES):
 # a retry can then only ever repeat one of the batches the worker still remembers.
 PARTITION_IN_FLIGHT_MAX = 5
-RETRY_BACKOFF_FIRST_MS = 20
-RETRY_BACKOFF_MAX_MS = 1_000
-# Metadata is asked for again at most this often, however many errors call for it.
-METADATA_REFRESH_MIN_INTERVAL_MS = 500
 # A refresh from this thread must not stall the sockets for long.
 METADATA_TIMEOUT_MS = 1_000
 # The loop wakes at least this often to expire requests and batches.
@@ -58,8 +55,6 @@ EXPIRE_INTERVAL_MS = 10
 # batch_bytes, so this bounds ZeroMQ's memory; beyond it batches wait in the producer.
 PUSH_SNDHWM_FRAMES = 16
 
-RETRIABLE = frozenset(code for code in ErrorCode if code.retriable) | {
-    ErrorCode.UNKNOWN_TOPIC_OR_PARTITION}  # a new topic reaches the workers a moment after it is created
 NEW_PRODUCER_ID = frozenset({ErrorCode.OUT_OF_ORDER_SEQUENCE, ErrorCode.INVALID_PRODUCER_EPOCH})
 REFRESH_METADATA = frozenset({ErrorCode.NOT_OWNER, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION})
 
