@@ -477,15 +477,16 @@ class Log:
         try:
             for segment in self._unsynced:
                 segment.flush()
-                segment.flush_indexes()
+                self._best_effort(segment.flush_indexes, f"writing the indexes of {segment.path}")
                 self.probe.fsyncs_total += 3
             self.active.flush()
             self.probe.fsyncs_total += 1
-            if self._recovery_point != self.active.base_offset:
-                self._write_recovery_point(self.active.base_offset)
-            elif self._dir_dirty:
-                fsync_directory(self.directory)
+            if self._dir_dirty:
+                fsync_directory(self.directory)  # new segment files must survive a crash
                 self.probe.fsyncs_total += 1
+            if self._recovery_point != self.active.base_offset:
+                self._best_effort(lambda: self._write_recovery_point(self.active.base_offset),
+                                  "moving the recovery point")
         except OSError as err:
             self._offline = err
             raise LogOfflineError(err.errno or 0, f"fsync in {self.directory} failed ({err}):"
@@ -498,6 +499,15 @@ class Log:
         self._first_unflushed_ms = None
         self.probe.flushes_total += 1
         return end
+
+    def _best_effort(self, action, what: str) -> None:
+        """Run a metadata write whose failure costs only a longer scan at the next open
+        (indexes are rebuilt from the log; an older recovery point scans more), never
+        data: on a full disk it must not take the log offline."""
+        try:
+            action()
+        except OSError as err:
+            logger.warning("%s in %s failed (%s): the next open scans more", what, self.directory, err)
 
     def flush_start(self) -> tuple[int, int] | None:
         """Begin a group commit that another thread can finish: (fd, target_offset) when

@@ -447,7 +447,11 @@ class Worker:
         self.requests.release_durable_acks()
         self.requests.fail_waiting(ErrorCode.SHUTTING_DOWN)
         for part in self.partitions.values():
-            part.close()
+            try:
+                part.close()
+            except OSError as e:  # an offline log: the next start recovers it by a scan
+                log.error("closing %s-%d: %s", part.topic, part.index, e)
+                self.exit_code = 1
         for sock in self.forward.values():
             sock.close()
         self.flusher.close()
