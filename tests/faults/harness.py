@@ -90,8 +90,12 @@ class AckedProducer:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        """Ask the thread to stop after the batch in flight (which may stay unacked)."""
+        self._stop.set()
+
     def stop(self, timeout_s: float = 30) -> None:
-        """Stop after the batch in flight (which may stay unacked) and wait."""
+        """request_stop() and wait."""
         self._stop.set()
         self._thread.join(timeout_s)
         if self._thread.is_alive():
@@ -107,6 +111,10 @@ class AckedProducer:
     def acked_snapshot(self) -> dict[bytes, int]:
         with self._lock:
             return dict(self.acked)
+
+    def sent_snapshot(self) -> set[bytes]:
+        with self._lock:
+            return set(self.sent)
 
     def wait_acked(self, batches: int, timeout_s: float) -> bool:
         """True once `batches` more batches are acked than when called."""
@@ -198,7 +206,7 @@ def start_producers(app: Appliance, topic: str, partitions: list[int], first_id:
 
 def stop_producers(producers: list[AckedProducer]) -> None:
     for p in producers:
-        p._stop.set()
+        p.request_stop()
     for p in producers:
         p.stop()
     failures = [f"producer {p.producer_id}: {p.error!r}" for p in producers if p.error is not None]
@@ -330,8 +338,7 @@ def verify_partition(app: Appliance, topic: str, partition: int, producers: list
     stored = fetch_partition(app, topic, partition, start)
     sent: set[bytes] = set()  # after the fetch: producers may still be sending
     for p in mine:
-        with p._lock:
-            sent |= p.sent
+        sent |= p.sent_snapshot()
     offsets_of: dict[bytes, list[int]] = {}
     verdict = Verdict(acked=len(acked), corrupt_served=stored.corrupt_batches)
     for r in stored.records:

@@ -72,7 +72,7 @@ def test_kill_9_of_the_appliance_at_random_moments_keeps_every_fsynced_ack_exact
         assert app.stop() == 0
     finally:
         for p in producers:
-            p._stop.set()
+            p.request_stop()
         app.kill()
     assert_data_dir_checks_clean(tmp_path / "data")
 
@@ -96,7 +96,7 @@ def test_acks_1_records_survive_kill_9_of_the_appliance(tmp_path, ledger):
         final.assert_clean()
     finally:
         for p in producers:
-            p._stop.set()
+            p.request_stop()
         app.kill()
 
 
@@ -134,7 +134,7 @@ def test_kill_9_of_either_worker_under_load_loses_and_duplicates_no_acked_record
         assert app.stop() == 0
     finally:
         for p in producers:
-            p._stop.set()
+            p.request_stop()
         app.kill()
 
 
@@ -185,6 +185,6 @@ def test_sigterm_under_load_drains_in_time_and_restart_skips_the_scan(tmp_path, 
         assert app.stop() == 0
     finally:
         for p in producers:
-            p._stop.set()
+            p.request_stop()
         app.kill()
     assert_data_dir_checks_clean(tmp_path / "data")

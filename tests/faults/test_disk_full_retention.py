@@ -78,5 +78,5 @@ def test_disk_full_resumes_by_itself_once_retention_frees_space(small_disk, ledg
         assert app.stop() == 0
     finally:
         for p in producers:
-            p._stop.set()
+            p.request_stop()
         app.kill()

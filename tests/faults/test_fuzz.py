@@ -112,7 +112,7 @@ def test_fuzzed_frames_never_kill_a_worker_nor_touch_acked_records(tmp_path, led
         assert app.stop() == 0
     finally:
         for p in producers:
-            p._stop.set()
+            p.request_stop()
         for s in sockets:
             s.close()
         app.kill()

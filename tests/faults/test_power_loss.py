@@ -128,6 +128,6 @@ def test_acks_fsync_records_survive_a_simulated_power_loss_that_drops_every_unsy
         assert app.stop() == 0
     finally:
         for p in everyone:
-            p._stop.set()
+            p.request_stop()
         app.kill()
     assert_data_dir_checks_clean(data_dir)

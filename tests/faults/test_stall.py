@@ -74,5 +74,5 @@ def test_sigstop_of_a_worker_under_acked_load_then_sigcont_loses_and_duplicates_
         assert app.stop() == 0
     finally:
         for p in producers:
-            p._stop.set()
+            p.request_stop()
         app.kill()
