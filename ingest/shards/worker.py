@@ -102,8 +102,9 @@ class Worker:
         self.probe = Probe()
         self.topics: dict[str, dict] | None = None  # None until the supervisor sends the table
         self.partitions: dict[tuple[str, int], Partition] = {}
-        self.raw_sockets: dict[zmq.Socket, str] = {}
-        self.inboxes: dict[zmq.Socket, Inbox] = {}  # PULL sockets: frames waiting for intake
+        # Every PULL socket (the worker's own, raw listeners) and its frames awaiting intake.
+        self.inboxes: dict[zmq.Socket, Inbox] = {}
+        self.pull: zmq.Socket | None = None  # bound once the partitions are open
         self.forward: dict[int, zmq.Socket] = {}
         self.parked: dict[str, list[bytes]] = {}
         self.parked_count = 0
@@ -158,11 +159,10 @@ class Worker:
         self._bind_raw_listeners()
 
     def _bind_raw_listeners(self) -> None:
-        bound = set(self.raw_sockets.values())
+        bound = {box.raw_topic for box in self.inboxes.values()}
         for name, t in self.topics.items():
             if t.get("raw_port") and name not in bound and raw_listener_of(name, self.workers) == self.worker_id:
                 s = self._socket(zmq.PULL, self.config.endpoint(t["raw_port"]), self.config.limits.pull_rcvhwm)
-                self.raw_sockets[s] = name
                 self.inboxes[s] = Inbox(name)
 
     def _open_partitions(self) -> None:
@@ -188,7 +188,7 @@ class Worker:
             if msg["t"] == "topics":
                 self.topics = msg["topics"]
                 self._open_partitions()
-                if hasattr(self, "pull"):
+                if self.pull is not None:  # later topics may bring raw listeners
                     self._bind_raw_listeners()
                 self._release_parked()
             elif msg["t"] == "shutdown":
