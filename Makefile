@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test bench clean check
+.PHONY: run test soak bench clean check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ run: $(STAMP)
 # pytest exits 5 when it collected no test, which make reports as a failure, as it must.
 test: $(TEST_STAMP) test-deps
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# The fault tests' long mode (docs/RELIABILITY.md): hundreds of rounds; regenerates the
+# results table of docs/RELIABILITY.md.
+soak: $(TEST_STAMP) test-deps
+	INGEST_SOAK=1 $(PY) -m pytest tests/faults -q -p no:cacheprovider
 
 bench: $(TEST_STAMP)
 	$(PY) -m bench.run
