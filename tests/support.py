@@ -128,7 +128,8 @@ class Appliance:
                 f"tcp://127.0.0.1:{self.port + 2 + 2 * worker_id}")
 
     def owner_router(self, partition: int) -> str:
-        return self.worker_endpoints(partition % self.workers)[1]
+        count = self.workers if isinstance(self.workers, int) else self.metadata()["worker_count"]
+        return self.worker_endpoints(partition % count)[1]
 
     def worker_pids(self) -> dict[int, int]:
         return {w["id"]: w["pid"] for w in self.metadata()["workers"]}
@@ -200,8 +201,17 @@ def fetch_all(app: Appliance, topic: str, partition: int) -> list[batch_codec.Re
 
 
 def create_topic(app: Appliance, topic: str, partitions: int) -> None:
+    """Create the topic and wait until the worker owning each partition knows it (the
+    supervisor's reply comes first; the topic table reaches the workers a moment later)."""
     reply = app.request(app.bootstrap, wire.CreateTopicRequest(topic=topic, partitions=partitions))
     assert isinstance(reply, wire.CreateTopicReply), reply
+
+    def known(partition: int) -> bool:
+        request = wire.ListOffsetsRequest(topic=topic, partition=partition, timestamp_ms=wire.LATEST_TIMESTAMP)
+        return isinstance(app.request(app.owner_router(partition), request), wire.ListOffsetsReply)
+
+    for p in range(partitions):
+        assert eventually(lambda: known(p), timeout_s=10), f"{topic}-{p} never reached its worker"
 
 
 def eventually(condition, timeout_s: float = 5.0) -> bool:
@@ -251,7 +261,9 @@ class IdempotentSender:
             if isinstance(reply, wire.ProduceReply):
                 assert reply.durability == wire.Durability.FSYNC
                 return reply
-            assert ErrorCode(reply.error_code).retriable, reply
+            # A topic just created reaches the workers a moment later: retry that too, as
+            # the SDK does.
+            assert ErrorCode(reply.error_code).retriable or reply.error_code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, reply
             time.sleep(0.05)
         if self.stop:
             raise SystemExit  # told to stop mid-send: this batch is simply not acked
