@@ -24,7 +24,10 @@ run: $(STAMP)
 	$(VENV)/bin/ingest serve --data-dir ./data
 
 # pytest exits 5 when it collected no test, which make reports as a failure, as it must.
+# Compiling every numba kernel once first keeps the cold compile out of the first test's
+# start-up timeout (the tests start appliances whose workers load the cache).
 test: $(TEST_STAMP) test-deps
+	$(PY) -c 'from ingest.shards import intake, kernels; kernels.warm_up(); intake.warm_up()'
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 # The fault tests' long mode (docs/RELIABILITY.md): hundreds of rounds; regenerates the
