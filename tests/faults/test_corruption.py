@@ -19,8 +19,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ingest.net import wire
 from ingest.shards import batch as batch_codec
+from ingest.shards import kernels
 from ingest.shards.check import check_data_dir
 from ingest.shards.layout import (
     PARTITION_LEADER_EPOCH_LENGTH,
@@ -67,11 +70,18 @@ class BatchAt:
 
 
 def layout(data_dir: Path, partition: int) -> list[list[BatchAt]]:
-    """The batches of each segment of a partition, oldest segment first."""
+    """The valid batches of each segment of a partition, oldest segment first; a segment's
+    list ends at its first invalid batch (damage of an earlier round the appliance kept
+    and reported instead of cutting)."""
     segments = []
     for path in sorted((data_dir / f"{TOPIC}-{partition}").glob("*.log")):
-        segments.append([BatchAt(path, pos, h.size_bytes, h.base_offset, h.last_offset)
-                         for pos, h in batch_codec.iter_batches(path.read_bytes())])
+        data, batches, pos = path.read_bytes(), [], 0
+        while pos < len(data) and kernels.validate_batch(np.frombuffer(data, np.uint8), pos, len(data),
+                                                         batch_codec.READ_BATCH_BYTES_MAX) == kernels.OK:
+            h = batch_codec.parse_header(data, pos)
+            batches.append(BatchAt(path, pos, h.size_bytes, h.base_offset, h.last_offset))
+            pos += h.size_bytes
+        segments.append(batches)
     return segments
 
 
@@ -133,6 +143,8 @@ def damage_tail(segments: list[list[BatchAt]], rng) -> tuple[int, str]:
     """Tear or flip the active segment from a random batch on; returns (index of the
     first bad batch in the active segment, what was done). Batches before it are intact."""
     active = segments[-1]
+    if not active:
+        return 0, "nothing to damage (empty active segment)"
     k = rng.randrange(len(active))
     batch = active[k]
     mode = rng.choice(["truncate mid-batch", "truncate at a batch boundary", "flip", "flip and truncate later"])
@@ -197,7 +209,7 @@ def test_torn_or_flipped_tail_is_cut_at_the_first_bad_batch_and_nothing_corrupt_
                 modes += damage_indexes(segments, rng)
                 kept = [b for s in segments[:-1] for b in s] + segments[-1][:k]
                 survivors[p] = offsets_of(kept)
-                first_bad[p] = segments[-1][k]
+                first_bad[p] = segments[-1][k] if segments[-1] else None
                 # Damaged: no longer expected (later appends may reuse these offsets).
                 damaged[p] = {o: expected[p].pop(o) for o in offsets_of(segments[-1][k:]) if o in expected[p]}
             log_before = len(app.log())
@@ -211,10 +223,14 @@ def test_torn_or_flipped_tail_is_cut_at_the_first_bad_batch_and_nothing_corrupt_
             restart_log = app.log()[log_before:]
             for p in range(PARTITIONS):
                 bad = first_bad[p]
-                if total.corrupt_served == corrupt_served_before and tail_mode[p] != "truncate at a batch boundary":
+                if bad is None or tail_mode[p] == "truncate at a batch boundary":
+                    continue  # nothing invalid left to find
+                if total.corrupt_served == corrupt_served_before:
                     # Cut as a torn tail, or kept and reported as corrupt: either way, said.
                     if re.search(rf"corrupt data: {re.escape(str(bad.file))}:{bad.position}: ", restart_log):
                         reported.add(f"{bad.file}:{bad.position}: ")
+                        # Its segment keeps no indexes, so that every open rescans it.
+                        reported |= {f"{bad.file.with_suffix(x)}:" for x in (".index", ".timeindex")}
                     else:
                         cut = rf"{re.escape(str(bad.file))}: cutting \d+ bytes after byte {bad.position} "
                         assert re.search(cut, restart_log), (bad, restart_log[-3000:])
