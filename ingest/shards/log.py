@@ -209,7 +209,7 @@ class Log:
         if not base_offsets:
             self._segments = [Segment.create(self.directory, 0, self.config.index_interval_bytes,
                                              wall_ms())]
-            self._write_recovery_point(0)
+            self._best_effort(lambda: self._write_recovery_point(0), "writing the recovery point")
             # The partition directory itself may be new (whoever created it): make its
             # entry in the data directory durable before anything in it is acknowledged.
             fsync_directory(self.directory.parent)
@@ -259,7 +259,7 @@ class Log:
             else:
                 self._recover_tail(i)
                 segment.flush()
-                segment.flush_indexes()
+                self._best_effort(segment.flush_indexes, f"writing the indexes of {segment.path}")
         self._recovery_point = self._read_recovery_point()
 
     def _recover(self, base_offsets: list[int]) -> None:
@@ -293,8 +293,8 @@ class Log:
         """Rebuild a fsynced sealed segment's indexes; report any corrupt batch."""
         scan = self._scan(segment)
         if scan.error is None and scan.next_offset == next_offset:
-            segment.seal()
-            segment.flush_indexes()
+            self._best_effort(segment.seal, f"writing the indexes of {segment.path}")
+            self._best_effort(segment.flush_indexes, f"syncing the indexes of {segment.path}")
             return
         message = scan.error or (f"segment ends at offset {scan.next_offset} but the next "
                                  f"segment starts at {next_offset}")
@@ -330,16 +330,19 @@ class Log:
                 dropped.delete()
             del self._segments[i + 1:]
         if i + 1 < len(self._segments):
-            segment.seal()
+            self._best_effort(segment.seal, f"writing the indexes of {segment.path}")
 
     def _sync_after_recovery(self, recovery_point: int) -> None:
         """Make what recovery kept durable: it may be page cache a killed process left."""
         for segment in self._segments:
             if segment.base_offset >= recovery_point or segment is self.active:
                 segment.flush()
-                segment.flush_indexes()
+                self._best_effort(segment.flush_indexes, f"writing the indexes of {segment.path}")
         fsync_directory(self.directory)
-        self._write_recovery_point(self.active.base_offset)
+        # Derived data on a possibly full disk: a log must open even then, or retention,
+        # which frees space, could never run.
+        self._best_effort(lambda: self._write_recovery_point(self.active.base_offset),
+                          "moving the recovery point")
 
     def _read_recovery_point(self) -> int:
         try:
@@ -669,14 +672,21 @@ class Log:
     def close(self) -> None:
         """Flush, seal the active segment's indexes, fsync them and leave the
         clean-shutdown marker so the next open skips the scan. Idempotent. After a failed
-        flush (offline log) only the files are closed: the next open scans."""
+        flush (offline log) only the files are closed: the next open scans. If only the
+        indexes cannot be written (a full disk), the data is flushed and no marker is
+        left: the next open scans and rebuilds them."""
         if self._closed:
             return
         try:
             if self._offline is None:
                 self.flush()
-                self.active.seal()
-                self.active.flush_indexes()
+                try:
+                    self.active.seal()
+                    self.active.flush_indexes()
+                except OSError as err:
+                    logger.warning("writing the indexes of %s failed (%s): the next open scans",
+                                   self.active.path, err)
+                    return
                 fd = os.open(self.directory / CLEAN_SHUTDOWN_FILE,
                              os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 os.close(fd)

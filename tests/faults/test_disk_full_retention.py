@@ -16,12 +16,15 @@ import time
 
 import pytest
 
+from ingest.net import wire
 from tests.faults.harness import Verdict, account, by_mode, start_producers, stop_producers, verify_partition
-from tests.support import Appliance, create_topic, eventually, metric_value
+from tests.support import Appliance, create_topic, eventually
 
 TMPFS_BYTES = 6 << 20
 # What the ballast leaves for the log: a few segments' worth.
 FREE_FOR_LOG_BYTES = 1536 << 10
+# retention_ms (3 s) plus heartbeats: afterwards only the active segment is left.
+RETENTION_SETTLE_S = 4.5
 # Segments expire this long after their newest record: longer than filling the free
 # space takes, short enough for a quick test.
 CONFIG = """
@@ -67,8 +70,16 @@ def test_disk_full_resumes_by_itself_once_retention_frees_space(small_disk, ledg
             time.sleep(0.2)
         stop_producers(producers)
         assert producer.batches_acked > acked_when_full + 10, "appends never resumed after the disk filled"
-        assert eventually(lambda: metric_value(app.metrics_text(), "ingest_log_start_offset", topic="full") > 0, 5)
-        start = int(metric_value(app.metrics_text(), "ingest_log_start_offset", topic="full"))
+        # With the producers stopped nothing rolls any more: within retention_ms (3 s) plus
+        # a heartbeat, retention has deleted every sealed segment and only the active one,
+        # which retention never deletes, is left. Read the log start after that, from the
+        # worker itself (a metrics snapshot may be a heartbeat old), so that retention
+        # cannot move it while the records are read back.
+        time.sleep(RETENTION_SETTLE_S)
+        reply = app.request(app.owner_router(0), wire.ListOffsetsRequest(
+            topic="full", partition=0, timestamp_ms=wire.EARLIEST_TIMESTAMP))
+        start = reply.offset
+        assert start > 0, "retention never deleted a segment"
         verdict: Verdict = verify_partition(app, "full", 0, producers, start=start)
         row.rounds = 1
         account(row, verdict)
