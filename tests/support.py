@@ -88,7 +88,11 @@ class Appliance:
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, **self.env})
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill()  # never leave a half-started appliance running behind a failed test
+                raise
         return self
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> dict:
