@@ -23,6 +23,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(SOAK_TEST_TIMEOUT_S))
 
 
+# The appliance code under test when the session starts; if it changed by the end (a
+# long soak in a busy tree), the results say start..end.
+SESSION_COMMIT = report.source_commit()
+
+
 @pytest.fixture
 def ledger(request):
     """ledger(scenario, promise) -> the Row this test fills in (rounds, acked, lost, ...)."""
@@ -56,6 +61,8 @@ def pytest_sessionfinish(session, exitstatus):
     rows = list(LEDGER.rows.values())
     if not rows:
         return
-    report.merge_results(MODE, rows)
+    at_end = report.source_commit()
+    commit = SESSION_COMMIT if at_end == SESSION_COMMIT else f"{SESSION_COMMIT}..{at_end}"
+    report.merge_results(MODE, rows, commit)
     if SOAK:
         report.write_doc()

@@ -11,6 +11,7 @@ whatever results files exist.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -27,14 +28,26 @@ def results_path(mode: str) -> Path:
     return RESULTS_DIR / f"last-{mode}.json"
 
 
-def merge_results(mode: str, rows: list) -> dict:
+def source_commit() -> str:
+    """The commit the appliance code was tested at (+ "dirty" if ingest/ had changes)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" dirty" if git("status", "--porcelain", "--", "ingest") else "")
+
+
+def merge_results(mode: str, rows: list, commit: str) -> dict:
     """Merge this session's rows into last-<mode>.json; returns the merged document."""
     path = results_path(mode)
     doc = {"mode": mode, "rows": {}}
     if path.exists():
         doc = json.loads(path.read_text())
     for row in rows:
-        doc["rows"][row.test] = asdict(row)
+        doc["rows"][row.test] = asdict(row) | {"commit": commit}
     doc["updated"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     RESULTS_DIR.mkdir(exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -44,11 +57,12 @@ def merge_results(mode: str, rows: list) -> dict:
 
 
 def _table(doc: dict) -> list[str]:
-    lines = ["| scenario | promise | test | rounds | acked records checked | lost | duplicated | outcome |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| scenario | promise | test | rounds | acked records checked | lost | duplicated | outcome | commit |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
     for row in sorted(doc["rows"].values(), key=lambda r: r["test"]):
         lines.append(f"| {row['scenario']} | {row['promise']} | `{row['test']}` | {row['rounds']} | "
-                     f"{row['acked_checked']} | {row['lost']} | {row['duplicated']} | {row['outcome']} |")
+                     f"{row['acked_checked']} | {row['lost']} | {row['duplicated']} | {row['outcome']} | "
+                     f"{row.get('commit', '')} |")
     return lines
 
 
