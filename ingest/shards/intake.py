@@ -299,20 +299,22 @@ class RecordIntake:
         self.w.park(msg.topic, frame)
 
     def _on_batch_frame(self, frame: bytes, now_ms: int) -> None:
+        records = 1
         try:
             msg = wire.decode_request(frame)
             if msg.topic not in self.w.topics and self.w.config.server.auto_create_topics:
                 self.w.park(msg.topic, frame)
                 return
+            # The wire codec checked the batch's framing: its header is there to read.
+            records = batch_codec.parse_header(msg.batch).last_offset_delta + 1
             if not self.w.owns(msg.partition) and msg.topic in self.w.topics:
-                records = batch_codec.parse_header(msg.batch).last_offset_delta + 1
                 self.w.forward_batch(msg.topic, msg.partition, msg.batch, records)
                 return
             self.w.requests.accept_batch(msg.topic, msg.partition, msg.batch, now_ms)
         except wire.WireError as e:
             self.w.probe.invalid(e.code.name.lower())
         except IngestError as e:
-            self._count_refused(e, 1)
+            self._count_refused(e, records)  # a refused batch drops every record in it
 
     def _count_refused(self, error: IngestError, records: int) -> None:
         """Count a PUSH append that failed exactly once: a drop when the appliance could not

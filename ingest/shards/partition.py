@@ -126,5 +126,8 @@ class Partition:
     def close(self) -> None:
         """Flush, snapshot producer state and mark the log cleanly shut down."""
         self.log.flush()
-        self.producers.save(self.directory, self.log.log_end_offset)
+        try:
+            self.producers.save(self.directory, self.log.log_end_offset)
+        except OSError as e:  # an optimisation (e.g. a full disk): the next open rebuilds it from the log
+            log.warning("%s-%d: producer state snapshot failed: %s", self.topic, self.index, e)
         self.log.close()
