@@ -42,6 +42,9 @@ BATCH_ACK_DEADLINE_S = 90
 FETCH_BYTES = 4 << 20
 # Wait between retries of a retriable error (THROTTLED, SHUTTING_DOWN, DISK_FULL).
 RETRY_BACKOFF_S = 0.05
+# Log end offsets that have not moved for this long have taken in every queued frame
+# (a worker drains its queues in milliseconds once the senders stop).
+SETTLED_S = 2.0
 
 
 def by_mode(quick, soak):
@@ -294,6 +297,26 @@ def _decode_into(out: Stored, data: bytes, offset: int) -> int:
         offset = max(offset, header.last_offset + 1)
         pos += header.size_bytes
     return offset
+
+
+def log_end_offsets(app: Appliance, topic: str, partitions: int) -> list[int]:
+    return [app.request(app.owner_router(p), wire.ListOffsetsRequest(topic=topic, partition=p,
+                                                                     timestamp_ms=wire.LATEST_TIMESTAMP)).offset
+            for p in range(partitions)]
+
+
+def settled(app: Appliance, topic: str, partitions: int, timeout_s: float = 120) -> int:
+    """Sum of log end offsets once they stop moving for SETTLED_S (queued frames all
+    taken in)."""
+    last, still_since, deadline = None, time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = sum(log_end_offsets(app, topic, partitions))
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since > SETTLED_S:
+            return now
+        time.sleep(0.2)
+    raise AssertionError(f"{topic}: log end offsets still moving after {timeout_s} s")
 
 
 @dataclass

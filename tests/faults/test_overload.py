@@ -16,9 +16,8 @@ from pathlib import Path
 import orjson
 import psutil
 
-from ingest.net import wire
 from tests.faults.flood import value
-from tests.faults.harness import Verdict, by_mode, fetch_partition
+from tests.faults.harness import Verdict, by_mode, fetch_partition, settled
 from tests.support import Appliance, create_topic, eventually, metric_value
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,24 +47,6 @@ def flood(out: Path, mode: str, *args: str) -> subprocess.Popen:
     """A flood process writing its result to `out` (a pipe would fill and block it)."""
     return subprocess.Popen([sys.executable, "-m", "tests.faults.flood", mode, *args, "--out", str(out)],
                             cwd=ROOT, stderr=open(out.with_suffix(".err"), "wb"))
-
-
-def log_end_offsets(app: Appliance, topic: str, partitions: int) -> list[int]:
-    return [app.request(app.owner_router(p), wire.ListOffsetsRequest(topic=topic, partition=p,
-                                                                     timestamp_ms=wire.LATEST_TIMESTAMP)).offset
-            for p in range(partitions)]
-
-
-def settled(app: Appliance, topic: str, partitions: int) -> int:
-    """Sum of log end offsets once they stop moving (queued frames all taken in)."""
-    last, still_since = None, time.monotonic()
-    while True:
-        now = sum(log_end_offsets(app, topic, partitions))
-        if now != last:
-            last, still_since = now, time.monotonic()
-        elif time.monotonic() - still_since > 2.0:
-            return now
-        time.sleep(0.2)
 
 
 def test_overload_keeps_worker_memory_bounded_and_accounts_for_every_record(tmp_path, ledger):
