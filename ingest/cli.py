@@ -1,4 +1,4 @@
-"""The `ingest` command: serve, produce, consume, topics, status, check.
+"""The `ingest` command: serve, produce, consume, topics, status, check, bridge.
 
 Errors a user can cause end as one line on stderr and a non-zero exit, never a traceback.
 """
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check", help="verify every segment of a data directory offline")
     ch.add_argument("data_dir")
     ch.set_defaults(func=cmd_check)
+
+    from ingest.bridge import cli as bridge_cli  # `ingest bridge mqtt`; paho is imported lazily
+    bridge_cli.add_parsers(sub, client)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Bridges that move records from other protocols into ingest (`ingest bridge ...`)."""
