@@ -14,12 +14,13 @@ import threading
 import pytest
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
-from ingest.bridge.mqtt import PENDING_MAX
+from ingest.bridge.mqtt import PENDING_MESSAGES_MAX_DEFAULT
 from ingest.cli import main
 from ingest.net import wire
 from tests.readback import read_back
 from tests.mqtt_support import Bridge, Mosquitto, Publisher
 from tests.support import FAST_HEARTBEATS, Appliance, create_topic, eventually, free_port_block
+
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
@@ -122,7 +123,7 @@ def test_bridge_kill_9_under_load_loses_no_message(app, broker, tmp_path):
             assert dict(r.headers).get("mqtt_dup") == b"1", "a second copy that is not a redelivery"
         seen.add(v)
     # Only messages received and not yet acked at the kill can be stored twice.
-    assert duplicates <= PENDING_MAX, (duplicates, bridge.log())
+    assert duplicates <= PENDING_MESSAGES_MAX_DEFAULT, (duplicates, bridge.log())
     print(f"bridge kill -9: {total} messages, {duplicates} stored twice (redelivered)")
 
 
@@ -137,6 +138,8 @@ def test_bridge_errors_are_one_clear_line(app, broker, capsys, monkeypatch):
     assert code == 1 and "--key-from 'topic-level:0'" in err
     code, err = bridge("--broker", "localhost")
     assert code == 1 and "use HOST:PORT" in err
+    code, err = bridge("--broker", f"127.0.0.1:{broker.port}", "--pending-messages-max", "70000")
+    assert code == 1 and "--pending-messages-max 70000: use 1..65535" in err
     monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)  # as if paho-mqtt were not installed
     code, err = bridge("--broker", f"127.0.0.1:{broker.port}")
     assert code == 1 and "pip install 'ingest[mqtt]'" in err

@@ -35,13 +35,16 @@ def add_parsers(sub, client_parent) -> None:
                         "(default: ingest-bridge-HOSTNAME)")
     m.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5")
     m.add_argument("--username", help=f"MQTT user name; the password is read from ${PASSWORD_ENV}")
+    m.add_argument("--pending-messages-max", type=int, default=None,
+                   help="messages received and not yet acked to the broker, at most (default 1000): "
+                        "more drains faster, fewer bounds what a crash makes the broker send twice")
     m.set_defaults(func=cmd_bridge_mqtt)
 
 
 def cmd_bridge_mqtt(args) -> int:
     from ingest import Producer
-    from ingest.bridge.mqtt import (BridgeError, BridgeOptions, KeyMapping, MqttBridge, parse_broker,
-                                    require_paho)
+    from ingest.bridge.mqtt import (PENDING_MESSAGES_MAX_DEFAULT, BridgeError, BridgeOptions, KeyMapping,
+                                    MqttBridge, parse_broker, require_paho)
     from ingest.cli import CliError, _curve
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -51,7 +54,9 @@ def cmd_bridge_mqtt(args) -> int:
         host, port = parse_broker(args.broker)
         options = BridgeOptions(host, port, tuple(args.topics), args.topic, KeyMapping.parse(args.key_from),
                                 args.client_id or f"ingest-bridge-{socket.gethostname()}",
-                                args.mqtt_version, args.username, os.environ.get(PASSWORD_ENV))
+                                args.mqtt_version, args.username, os.environ.get(PASSWORD_ENV),
+                                PENDING_MESSAGES_MAX_DEFAULT if args.pending_messages_max is None
+                                else args.pending_messages_max)
         with Producer(args.bootstrap, acks="fsync", curve=_curve(args)) as producer:
             producer.partitions_for(options.ingest_topic)  # creates it now, or says why not
             bridge = MqttBridge(options, producer)

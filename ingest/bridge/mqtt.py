@@ -36,14 +36,15 @@ from dataclasses import dataclass
 
 log = logging.getLogger("ingest.bridge.mqtt")
 
-# Messages received and not yet PUBACKed, at most: the bound on the bridge's memory and
-# on what a crash can make the broker deliver twice. Acks wait for an fsync (a few ms),
-# so the window must cover a few ms of traffic: 1000 allows ~100,000 messages/s at 10 ms
-# per ack, more than paho delivers. MQTT 5 asks the broker for it (Receive Maximum); the
-# bridge also enforces it itself, since a broker may not (mosquitto 2.0 sends MQTT 3.1.1
-# clients more than its max_inflight_messages once acks flow).
-PENDING_MAX = 1000
-RECEIVE_MAXIMUM = PENDING_MAX
+# Messages received and not yet PUBACKed, at most (--pending-messages-max): the bound on
+# the bridge's memory and on what a crash can make the broker deliver twice. Acks wait for
+# an fsync (a few ms), so the window must cover a few ms of traffic: on 2 cores 1000
+# drains a backlog about twice as fast as 200 (bench/RESULTS.md). MQTT 5 asks the broker
+# for it (Receive Maximum); the bridge also enforces it itself, since a broker may not
+# (mosquitto 2.0 sends MQTT 3.1.1 clients more than its max_inflight_messages once acks
+# flow).
+PENDING_MESSAGES_MAX_DEFAULT = 1000
+RECEIVE_MAXIMUM_MAX = 65535  # MQTT 5: a two-byte field
 # MQTT 5 session expiry: how long the broker keeps the session (subscriptions, queued
 # messages) while the bridge is away. A week covers a long maintenance window; the
 # broker's own limits (max_queued_messages, persistent_client_expiration) still apply.
@@ -105,6 +106,11 @@ class BridgeOptions:
     mqtt_version: str = "5"  # or "3.1.1"
     username: str | None = None
     password: str | None = None
+    pending_messages_max: int = PENDING_MESSAGES_MAX_DEFAULT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.pending_messages_max <= RECEIVE_MAXIMUM_MAX:
+            raise BridgeError(f"--pending-messages-max {self.pending_messages_max}: use 1..{RECEIVE_MAXIMUM_MAX}")
 
 
 def parse_broker(text: str) -> tuple[str, int]:
@@ -177,7 +183,7 @@ class MqttBridge:
 
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
-            properties.ReceiveMaximum = RECEIVE_MAXIMUM
+            properties.ReceiveMaximum = o.pending_messages_max
             kwargs = {"clean_start": False, "properties": properties}
         try:
             self.client.connect(o.host, o.port, KEEPALIVE_S, **kwargs)
@@ -231,7 +237,8 @@ class MqttBridge:
             self._wakeup.notify_all()
             # Back-pressure: stop reading from the broker until acks catch up. The ack loop
             # only queues PUBACKs, so it never waits for this thread.
-            while len(self._pending) >= PENDING_MAX and not self._stopping.is_set():
+            while (len(self._pending) >= self.options.pending_messages_max
+                   and not self._stopping.is_set()):
                 self._wakeup.wait(ACK_POLL_S)
 
     def _fail(self, reason: str) -> None:
