@@ -262,9 +262,12 @@ static int request(void *dealer, uint8_t *frame, size_t length, uint8_t *reply, 
     for (int64_t left; (left = deadline - now_ms()) > 0;) {
         zmq_pollitem_t item = {dealer, 0, ZMQ_POLLIN, 0};
         if (zmq_poll(&item, 1, (long)left) <= 0) continue;
-        int n = zmq_recv(dealer, reply, size, 0);
-        if (n < REPLY_HEADER_BYTES || (size_t)n > size) continue;  /* not a reply we can read */
-        if (reply[1] == (frame[1] | REPLY_BIT) && get_le(reply + 4, 4) == correlation_id) return n;
+        int n = zmq_recv(dealer, reply, size, 0);  /* n > size: the frame was cut to size */
+        if (n < REPLY_HEADER_BYTES) continue;      /* not a reply */
+        if (reply[1] != (frame[1] | REPLY_BIT) || get_le(reply + 4, 4) != correlation_id)
+            continue;                              /* a late reply to an earlier attempt */
+        if ((size_t)n > size) die(1, "the reply is larger than this device's buffer");
+        return n;
     }
     return -1;
 }
