@@ -36,6 +36,7 @@ soak: $(TEST_STAMP) test-deps
 	INGEST_SOAK=1 $(PY) -m pytest tests/faults -q -p no:cacheprovider
 
 bench: $(TEST_STAMP)
+	sh tests/device-deps.sh
 	$(PY) -m bench.run
 
 check: $(STAMP)

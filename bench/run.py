@@ -13,6 +13,7 @@ BENCHMARKS = [
     ("log append", ["bench.bench_log_append", "--seconds", "2", "--repeats", "1"]),
     ("intake (PUSH)", ["bench.bench_intake", "--records", "1000000"]),
     ("SDK", ["bench.bench_sdk"]),
+    ("MQTT bridge", ["bench.bench_mqtt_bridge"]),  # needs mosquitto: tests/device-deps.sh
 ]
 
 
