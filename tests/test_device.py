@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
+from ingest.net import wire
+from ingest.shards import batch as batch_codec
 from tests.readback import read_back
 from tests.support import FAST_HEARTBEATS, Appliance, create_topic, eventually, metric_value
 
@@ -65,6 +67,46 @@ def kafka_partition(key: bytes, partitions: int) -> int:
 
 def readings_of(records) -> list[int]:
     return [json.loads(r.value)["seq"] for r in records]
+
+
+# Calls the C device's encoders with fixed inputs and writes their bytes to stdout.
+ENCODER_HARNESS = r"""
+#define main device_main
+#include "device.c"
+#undef main
+int main(void) {
+    static uint8_t out[FRAME_BYTES_MAX];
+    size_t n = encode_record_batch(out, "dev-42", "dev-42", 7, 3, 1000, 5, 1700000000000LL);
+    fwrite(out, 1, n, stdout);
+    n = encode_record(out, "sensors", "dev-42", "{\"t\":21.5}", ACKS_NONE, 1700000000000LL);
+    fwrite(out, 1, n, stdout);
+    return 0;
+}
+"""
+
+
+def reading(device: str, seq: int) -> bytes:
+    """The C device's reading() in Python."""
+    return f'{{"device":"{device}","seq":{seq},"temp_c":{20.0 + (seq % 50) / 10:.1f}}}'.encode()
+
+
+def test_c_device_encoders_write_the_same_bytes_as_the_appliances_codec(tmp_path):
+    harness = tmp_path / "harness.c"
+    harness.write_text(ENCODER_HARNESS)
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libzmq"], capture_output=True,
+                           text=True).stdout.split() or ["-lzmq"]
+    build = subprocess.run(["cc", "-std=c11", "-Wall", "-Werror", "-I", str(EXAMPLES / "c"), "-o",
+                            str(tmp_path / "harness"), str(harness), *flags], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    out = subprocess.run([str(tmp_path / "harness")], capture_output=True, check=True, timeout=30).stdout
+    expected_batch = batch_codec.encode_batch(
+        [batch_codec.Record(0, 1_700_000_000_000, b"dev-42", reading("dev-42", seq)) for seq in (7, 8, 9)],
+        producer_id=1000, producer_epoch=0, base_sequence=5)
+    expected_record = wire.RecordMessage(topic="sensors", value=b'{"t":21.5}', key=b"dev-42",
+                                         partition=wire.AUTO_PARTITION, timestamp_ms=1_700_000_000_000,
+                                         acks=wire.Durability.NONE).encode()
+    assert out[:len(expected_batch)].hex() == expected_batch.hex()
+    assert out[len(expected_batch):].hex() == expected_record.hex()
 
 
 def test_c_device_pushes_readings_that_land_once_on_their_keys_partition(app, device_binary):

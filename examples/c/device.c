@@ -336,14 +336,14 @@ static int reading(char *out, const char *device_id, long seq) {
 /* One RECORD frame (PROTOCOL.md 5.1): no headers, timestamp set, partition chosen by the
  * appliance from the key. */
 static size_t encode_record(uint8_t *frame, const char *topic, const char *key,
-                            const char *value, int acks) {
+                            const char *value, int acks, int64_t timestamp_ms) {
     size_t topic_bytes = strlen(topic), key_bytes = strlen(key), value_bytes = strlen(value);
     uint8_t *p = put_header(frame, MSG_RECORD, acks | FLAG_TIMESTAMP, 0);
     *p++ = (uint8_t)topic_bytes;
     *p++ = 0;                                     /* reserved */
     p = put_le(p, 0, 2);                          /* header_count */
     p = put_le(p, (uint64_t)key_bytes, 4);
-    p = put_le(p, (uint64_t)now_ms(), 8);
+    p = put_le(p, (uint64_t)timestamp_ms, 8);
     p = put_le(p, (uint64_t)(int64_t)AUTO_PARTITION, 4);
     memcpy(p, topic, topic_bytes); p += topic_bytes;
     memcpy(p, key, key_bytes); p += key_bytes;
@@ -351,13 +351,12 @@ static size_t encode_record(uint8_t *frame, const char *topic, const char *key,
     return (size_t)(p - frame);
 }
 
-/* One Kafka RecordBatch v2 (layout in ingest/shards/layout.py, big-endian) holding
- * `count` readings numbered from `first_seq`, idempotent: producerId, epoch 0,
+/* One Kafka RecordBatch v2 (PROTOCOL.md 8.1, big-endian) holding `count` readings
+ * numbered from `first_seq`, all stamped `timestamp_ms`, idempotent: producerId, epoch 0,
  * baseSequence. Returns its length. */
 static size_t encode_record_batch(uint8_t *out, const char *key, const char *device_id,
                                   long first_seq, int count, int64_t producer_id,
-                                  int32_t base_sequence) {
-    int64_t timestamp_ms = now_ms();
+                                  int32_t base_sequence, int64_t timestamp_ms) {
     uint8_t *p = out + 61;                        /* records follow the 61-byte header */
     for (int i = 0; i < count; i++) {
         char value[VALUE_BYTES_MAX];
@@ -408,7 +407,7 @@ static int cmd_push(const char *bootstrap, const char *topic, const char *device
         char value[VALUE_BYTES_MAX];
         uint8_t frame[FRAME_BYTES_MAX];
         reading(value, device_id, seq);
-        size_t n = encode_record(frame, topic, device_id, value, ACKS_NONE);
+        size_t n = encode_record(frame, topic, device_id, value, ACKS_NONE, now_ms());
         if (zmq_send(push, frame, n, 0) < 0) die(3, zmq_strerror(zmq_errno()));
     }
     zmq_close(push);  /* waits up to PUSH_LINGER_MS for queued readings to leave */
@@ -505,7 +504,8 @@ static int cmd_send(const char *bootstrap, const char *topic, const char *device
         p = put_le(p, 0, 3);                      /* reserved */
         p = put_le(p, (uint64_t)partition, 4);
         memcpy(p, topic, topic_bytes); p += topic_bytes;
-        p += encode_record_batch(p, device_id, device_id, seq, records, producer_id, sequence);
+        p += encode_record_batch(p, device_id, device_id, seq, records, producer_id, sequence,
+                                 now_ms());
         int64_t base = send_until_acked(bootstrap, &dealer, frame, (size_t)(p - frame),
                                         partition, created);
         printf("acked %d readings: partition %d offsets %lld..%lld\n", records, partition,
