@@ -9,7 +9,7 @@ from ingest.net.consumer import Record
 
 # A pass ends after this long without a new record; records sent fire-and-forget may
 # still be in flight, so read_back() starts another pass until it has enough.
-IDLE_TIMEOUT_MS = 1000
+IDLE_TIMEOUT_MS = 500
 
 
 def read_back(bootstrap: str, topic: str, count_min: int, timeout_s: float = 30) -> list[Record]:

@@ -153,7 +153,7 @@ def test_c_device_acked_sends_ride_out_a_kill_9_of_the_owner_worker(app, device_
     partition = kafka_partition(b"meter-2", 2)
     owner = partition % 2
     victim = app.worker_pids()[owner]
-    device = subprocess.Popen([str(device_binary), "send", app.bootstrap, "acked-kill", "meter-2", "3000"],
+    device = subprocess.Popen([str(device_binary), "send", app.bootstrap, "acked-kill", "meter-2", "1500"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert device.stdout.readline().startswith("acked")  # mid-stream, then:
     os.kill(victim, signal.SIGKILL)
@@ -161,8 +161,8 @@ def test_c_device_acked_sends_ride_out_a_kill_9_of_the_owner_worker(app, device_
     assert device.returncode == 0, out + err
     assert "resending the batch" in err  # the kill cost it at least one reply
     assert app.worker_pids()[owner] != victim  # the supervisor restarted it
-    records = read_back(app.bootstrap, "acked-kill", 3000)
-    assert readings_of(records) == list(range(3000))  # nothing lost, nothing twice, in order
+    records = read_back(app.bootstrap, "acked-kill", 1500)
+    assert readings_of(records) == list(range(1500))  # nothing lost, nothing twice, in order
 
 
 def test_c_device_raw_frames_become_one_record_each(app, device_binary):
