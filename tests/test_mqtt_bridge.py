@@ -116,6 +116,7 @@ def test_bridge_kill_9_under_load_loses_no_message(app, broker, tmp_path):
         bridge.kill()
     values = [int(r.value) for r in records]
     assert set(values) == set(range(total))  # nothing lost
+    assert all(r.key == b"load/%d" % (v % 7) for r, v in zip(records, values))  # --key-from mqtt-topic
     seen, duplicates = set(), 0
     for r, v in zip(records, values):
         if v in seen:
