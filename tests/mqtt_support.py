@@ -78,8 +78,8 @@ class Publisher:
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(10)
         assert info.is_published(), f"the broker did not confirm {topic}"
 

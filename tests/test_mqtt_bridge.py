@@ -54,28 +54,33 @@ def kafka_partition(key: bytes, partitions: int) -> int:
 
 def test_mqtt_messages_arrive_once_keyed_by_topic_level_and_survive_a_clean_restart(app, broker, tmp_path):
     create_topic(app, "mqtt-readings", 4)
+    publisher = Publisher(broker)
+    publisher.publish("sensors/dev-r/status", b'{"i":-1}', retain=True)  # a last-known value
     bridge = Bridge(app, broker, tmp_path / "bridge.log", "--topics", "sensors/#", "--topic", "mqtt-readings",
                     "--key-from", "topic-level:2", "--client-id", "bridge-once").start()
-    publisher = Publisher(broker)
     try:
         for i in range(200):
             publisher.publish(f"sensors/dev-{i % 10}/temp", json.dumps({"i": i}).encode())
         publisher.publish("elsewhere/dev-1/temp", b"not subscribed")
-        records = read_back(app.bootstrap, "mqtt-readings", 200)
-        assert sorted(json.loads(r.value)["i"] for r in records) == list(range(200))  # each once
+        records = read_back(app.bootstrap, "mqtt-readings", 201)
+        assert sorted(json.loads(r.value)["i"] for r in records) == list(range(-1, 200))  # each once
         for r in records:
-            device = f"dev-{json.loads(r.value)['i'] % 10}"
+            i = json.loads(r.value)["i"]
+            device, kind = ("dev-r", "status") if i < 0 else (f"dev-{i % 10}", "temp")
             assert r.key == device.encode()
             assert r.partition == kafka_partition(r.key, 4)
-            assert dict(r.headers) == {"mqtt_topic": f"sensors/{device}/temp".encode()}
+            assert dict(r.headers) == {"mqtt_topic": f"sensors/{device}/{kind}".encode(),
+                                       **({"mqtt_retain": b"1"} if i < 0 else {})}
         assert bridge.stop() == 0, bridge.log()
 
         # The session outlives the bridge: what is published meanwhile waits in the broker.
         for i in range(200, 250):
             publisher.publish(f"sensors/dev-{i % 10}/temp", json.dumps({"i": i}).encode())
         bridge.start()
-        records = read_back(app.bootstrap, "mqtt-readings", 250)
-        assert sorted(json.loads(r.value)["i"] for r in records) == list(range(250))
+        publisher.publish("sensors/dev-0/temp", b'{"i":250}')  # after the (re)subscription
+        records = read_back(app.bootstrap, "mqtt-readings", 252)
+        # Once each; the retained message is not sent again to the resumed subscription.
+        assert sorted(json.loads(r.value)["i"] for r in records) == list(range(-1, 251))
         assert "session resumed" in bridge.log()
         assert bridge.stop() == 0, bridge.log()
     finally:

@@ -59,6 +59,7 @@ ACK_POLL_S = 0.1
 STOP_FLUSH_TIMEOUT_S = 30
 MQTT_TOPIC_HEADER = "mqtt_topic"
 MQTT_DUP_HEADER = "mqtt_dup"
+MQTT_RETAIN_HEADER = "mqtt_retain"  # a retained message, sent by the broker on subscribing
 KEY_FROM_CHOICES = "mqtt-topic, topic-level:N (1 = first level) or none"
 
 
@@ -199,9 +200,20 @@ class MqttBridge:
             self._connected = True
         log.info("connected to %s:%d as %r (session %s)", self.options.host, self.options.port,
                  self.options.client_id, "resumed" if flags.session_present else "new")
-        # A resumed session has its subscriptions already; subscribing again is harmless
-        # and covers a session the broker expired.
-        client.subscribe([(f, 1) for f in self.options.topic_filters])
+        # A resumed session has its subscriptions already; subscribing again covers a
+        # session the broker expired and filters added to --topics since.
+        client.subscribe(self._subscriptions())
+
+    def _subscriptions(self) -> list:
+        if self.options.mqtt_version != "5":
+            # MQTT 3.1.1 brokers resend retained messages on every SUBSCRIBE: they are
+            # stored again, marked with the mqtt_retain header.
+            return [(f, 1) for f in self.options.topic_filters]
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        # Retained messages only for a new subscription, not again on each reconnect.
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        return [(f, options) for f in self.options.topic_filters]
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [f for f, code in zip(self.options.topic_filters, reason_codes) if code.is_failure]
@@ -225,6 +237,8 @@ class MqttBridge:
         if message.dup:
             headers.append((MQTT_DUP_HEADER, b"1"))
             self.redelivered += 1
+        if message.retain:
+            headers.append((MQTT_RETAIN_HEADER, b"1"))
         try:
             future = self.producer.send(self.options.ingest_topic, message.payload,
                                         key=self.options.keys.key_of(topic), headers=headers)
