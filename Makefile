@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test soak bench clean check
+.PHONY: run test soak bench bench-full clean check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,18 @@ test: $(TEST_STAMP) test-deps
 soak: $(TEST_STAMP) test-deps
 	INGEST_SOAK=1 $(PY) -m pytest tests/faults -q -p no:cacheprovider
 
+# bench/run.py: the component benchmarks, then bench/compare.py against NATS JetStream,
+# Redis Streams, Tansu and mosquitto (installed by bench/install-peers.sh; root for apt).
+# Writes bench/results/<date>.json and PNGs, regenerates bench/RESULTS.md's comparison.
 bench: $(TEST_STAMP)
 	sh tests/device-deps.sh
+	sh bench/install-peers.sh $(PY)
 	$(PY) -m bench.run
+
+bench-full: $(TEST_STAMP)
+	sh tests/device-deps.sh
+	sh bench/install-peers.sh $(PY)
+	$(PY) -m bench.run --full
 
 check: $(STAMP)
 	$(VENV)/bin/ingest check ./data
