@@ -9,8 +9,9 @@ directory, and stopped afterwards (bench/peers.py). Each is given the same paylo
 Results go to bench/results/<date>.json; `python -m bench.report` turns that into the
 tables of bench/RESULTS.md and the PNG plots (run by this command at the end).
 
-Quick (the default, `make bench`): 100,000 records per row. Full (`make bench-full`):
-1,000,000 per row and longer latency runs. The peers are installed by
+Quick (the default, `make bench`): 50,000 records per row, 2 producers for the JSON
+telemetry payload only. Full (`make bench-full`): 1,000,000 records per row, every payload
+with 1 and 2 producers, longer latency runs. The peers are installed by
 bench/install-peers.sh.
 """
 
@@ -50,6 +51,8 @@ class Plan:
     latency_records: int
     payloads: list[str] = field(default_factory=lambda: list(PAYLOADS))
     producers: list[int] = field(default_factory=lambda: [1, 2])
+    # Quick: more than one producer only for the telemetry payload, the fleet's case.
+    all_producers_for: set[str] | None = None
     rows: list[dict] = field(default_factory=list)
     latency: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -58,7 +61,9 @@ class Plan:
     def cases(self):
         for payload in self.payloads:
             for producers in self.producers:
-                yield payload, producers
+                if producers == self.producers[0] or self.all_producers_for is None or \
+                        payload in self.all_producers_for:
+                    yield payload, producers
 
     def row(self, system: str, mode: str, ack: str, kind: str, payload: str, producers: int, run) -> None:
         """Runs one row; a failed row is recorded with its error and the run goes on."""
@@ -396,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-records", type=int, help="records per latency run (overrides the mode's)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--payloads", help="comma-separated subset of: " + ", ".join(PAYLOADS))
+    parser.add_argument("--producers", default="1,2", help="comma-separated producer process counts")
+    parser.add_argument("--all-cases", action="store_true",
+                        help="quick mode too: every payload with every producer count")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/<UTC date and time>.json)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate bench/RESULTS.md and plots")
     args = parser.parse_args(argv)
@@ -403,8 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}: choose from {', '.join(SYSTEMS)}")
-    plan = Plan(records=args.records or (1_000_000 if args.full else 100_000),
+    plan = Plan(records=args.records or (1_000_000 if args.full else 50_000),
                 latency_records=args.latency_records or (LATENCY_RATE_PER_S * (30 if args.full else 5)))
+    plan.producers = [int(n) for n in args.producers.split(",")]
+    if not args.full and not args.all_cases:
+        plan.all_producers_for = {LATENCY_PAYLOAD}
     if args.payloads:
         plan.payloads = [p.strip() for p in args.payloads.split(",")]
         if set(plan.payloads) - set(PAYLOADS):

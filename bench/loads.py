@@ -27,6 +27,9 @@ READ_CHUNK_RECORDS = 10_000
 # MQTT: unacknowledged QoS 1 messages in flight (paho's default, 20, serialises on the
 # round trip; a fleet gateway raises it). Same order as JetStream's async-publish window.
 MQTT_INFLIGHT_MAX = 1000
+# Redis connections the latency run may hold open: requests in flight at once (JetStream's
+# async publishes are bounded by its client's pending window likewise).
+LATENCY_CONNECTIONS_MAX = 64
 # How long a read may wait for the next record before it reports what it got.
 READ_IDLE_TIMEOUT_S = 30
 
@@ -342,16 +345,34 @@ def latency_nats(target: dict, payload: bytes, rate_per_s: float, count: int) ->
 
 
 def latency_redis(target: dict, payload: bytes, rate_per_s: float, count: int) -> list[float]:
-    import redis
+    """XADDs from asyncio tasks, each on a pooled connection, so a slow reply does not hold
+    back the records scheduled after it (as JetStream's async publish does not)."""
+    import redis.asyncio as aioredis
 
-    client = redis.Redis(port=target["port"])
-    client.xadd(target["stream"], {"v": b"warm-up"})
-    latencies = []
-    for _i, due in _schedule(rate_per_s, count):
-        client.xadd(target["stream"], {"v": payload})  # one synchronous round trip per record
-        latencies.append(time.monotonic() - due)
-    client.close()
-    return latencies
+    async def run() -> list[float]:
+        pool = aioredis.BlockingConnectionPool(port=target["port"], max_connections=LATENCY_CONNECTIONS_MAX)
+        client = aioredis.Redis(connection_pool=pool)
+        await client.xadd(target["stream"], {"v": b"warm-up"})
+        latencies = [0.0] * count
+
+        async def one(i: int, due: float) -> None:
+            await client.xadd(target["stream"], {"v": payload})
+            latencies[i] = time.monotonic() - due
+
+        tasks = []
+        started = time.monotonic() + 0.05
+        for i in range(count):
+            due = started + i / rate_per_s
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        await client.aclose()
+        await pool.aclose()
+        return latencies
+
+    return asyncio.run(run())
 
 
 def latency_kafka(target: dict, payload: bytes, rate_per_s: float, count: int) -> list[float]:

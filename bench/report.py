@@ -42,6 +42,7 @@ def _index(rows: list[dict]) -> dict:
 def throughput_tables(result: dict) -> list[str]:
     rows = [r for r in result["rows"] if r["kind"] == "produce"]
     index = _index(rows)
+    failed = {(r["system"], r["mode"], r["payload"], r["producers"]) for r in rows if "error" in r}
     modes = list(dict.fromkeys((r["system"], r["mode"], r["ack"]) for r in rows))
     producers = result["producers"]
     lines: list[str] = []
@@ -56,7 +57,7 @@ def throughput_tables(result: dict) -> list[str]:
             for n in producers:
                 row, ref = index.get((system, mode, payload, n)), index.get((*REFERENCE, payload, n))
                 if row is None:
-                    cells += ["failed", "", "", ""]
+                    cells += ["failed" if (system, mode, payload, n) in failed else "—", "", "", ""]
                     continue
                 ratio = f"{row['records_per_s'] / ref['records_per_s']:.2f}" if ref else "—"
                 cells += [_fmt_rate(row["records_per_s"]), f"{row['mb_per_s']:.1f}", ratio,
@@ -127,7 +128,7 @@ def markdown(result: dict, json_path: Path, plots: list[Path]) -> str:
         "directory; every client is a Python process using that system's usual client. ×N: N producer "
         "processes sharing the records. `ack` is what an acknowledgement means: none (nothing comes back), "
         "in memory (the server holds it in RAM), written (handed to the OS, not fsynced), fsynced (on disk). "
-        "CPU s/M: CPU seconds of the server's processes plus the clients', per million records. "
+        "MB/s: payload bytes only. CPU s/M: CPU seconds of the server's processes plus the clients', per million records. "
         "`vs ingest`: records/s over ingest SDK send() acks=fsync's in the same column.", "",
     ]
     lines += throughput_tables(result) + read_table(result) + latency_table(result) + target_table(result)
@@ -177,8 +178,8 @@ def plot(result: dict, json_path: Path) -> list[Path]:
             ax.set_xscale("log")
             ax.set_title(f"{n} producer process{'es' if n > 1 else ''}")
             ax.set_xlabel(title)
-            ax.invert_yaxis()
             ax.grid(axis="x", alpha=0.3)
+        axes[0][0].invert_yaxis()  # first mode on top; the axes share y, so once
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{title.split(' (')[0]}, {result['records']:,} records per bar, {result['started']} UTC")
         fig.tight_layout()
