@@ -383,7 +383,7 @@ def run(plan: Plan, systems: list[str], argv: list[str]) -> dict:
     return {
         "started": started.isoformat(timespec="seconds"),
         "seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
-        "command": "python -m bench.compare " + " ".join(argv),
+        "command": " ".join(["python -m bench.compare", *argv]),
         "commit": _commit(), "machine": machine(),
         "load_average": {"before": [round(x, 2) for x in load_before],
                          "after": [round(x, 2) for x in os.getloadavg()]},
