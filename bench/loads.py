@@ -1,7 +1,9 @@
 """Client-side loads, one Python process each: produce N records, read them back, or offer
 records at a fixed rate and time each acknowledgement.
 
-Every driver takes a ``target`` (a plain dict, so it crosses a spawn boundary) naming the
+Every driver is a generator: it connects and warms up, yields (ready), sends or reads
+everything and yields again (done: the clock stops; a reader yields its count), then
+closes. Every driver takes a ``target`` (a plain dict, so it crosses a spawn boundary) naming the
 system's address and the stream/topic/subject of this run, and does what a user of that
 system's usual Python client would do, with that client's defaults unless a comment says
 otherwise. Client libraries are imported inside the drivers: a machine without, say,
@@ -53,6 +55,7 @@ def produce_zmq_raw(target: dict, payload: bytes, count: int, index: int) -> Non
     send = sock.send
     for _ in range(count):
         send(payload)
+    yield
     sock.close(linger=-1)
     context.term()
 
@@ -75,6 +78,7 @@ def produce_ingest_push(target: dict, payload: bytes, count: int, index: int) ->
     else:
         for _ in range(count):
             send(wire.RecordMessage(topic=topic, value=payload).encode())
+    yield
     sock.close(linger=-1)
     context.term()
 
@@ -89,6 +93,7 @@ def produce_ingest_sdk(target: dict, payload: bytes, count: int, index: int) -> 
         for _ in range(count):
             send(topic, payload)
         producer.flush()
+        yield
 
 
 def produce_nats(target: dict, payload: bytes, count: int, index: int) -> None:
@@ -111,6 +116,7 @@ def produce_nats(target: dict, payload: bytes, count: int, index: int) -> None:
 
     yield
     loop.run_until_complete(jetstream() if target["jetstream"] else core())
+    yield
     loop.run_until_complete(nc.close())
     loop.close()
 
@@ -127,6 +133,7 @@ def produce_redis(target: dict, payload: bytes, count: int, index: int) -> None:
         for _ in range(min(REDIS_PIPELINE_RECORDS, count - start)):
             pipe.xadd(stream, {"v": payload})
         pipe.execute()
+    yield
     client.close()
 
 
@@ -154,6 +161,7 @@ def produce_kafka(target: dict, payload: bytes, count: int, index: int) -> None:
                 poll(0.001)
     if producer.flush(120) != 0 or failed:
         raise RuntimeError(f"Kafka producer: {len(failed)} failed deliveries, first {failed[:1]}")
+    yield
 
 
 def _mqtt_client(target: dict, client_id: str = "", clean: bool = True):
@@ -162,8 +170,14 @@ def _mqtt_client(target: dict, client_id: str = "", clean: bool = True):
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
     client.max_inflight_messages_set(MQTT_INFLIGHT_MAX)
     client.max_queued_messages_set(0)
+    connected = threading.Event()
+    client.on_connect = lambda *_args: connected.set()
     client.connect("127.0.0.1", target["port"])
     client.loop_start()
+    # Publishing before the CONNACK queues the messages until paho's loop next wakes
+    # (up to its 1 s select timeout): a fixed second that is not the broker's.
+    if not connected.wait(30):
+        raise TimeoutError("MQTT: no CONNACK in 30 s")
     return client
 
 
@@ -185,6 +199,7 @@ def produce_mqtt(target: dict, payload: bytes, count: int, index: int) -> None:
         for _ in range(count):
             if not acked.acquire(timeout=120):
                 raise TimeoutError("MQTT: a QoS 1 PUBACK did not come in 120 s")
+    yield
     client.loop_stop()
     client.disconnect()
 
@@ -205,7 +220,7 @@ def read_ingest(target: dict, count: int) -> int:
             got += 1
             if got == count:
                 break
-    yield got
+        yield got
 
 
 def read_redis(target: dict, count: int) -> int:
@@ -222,8 +237,8 @@ def read_redis(target: dict, count: int) -> int:
         entries = reply[0][1]
         got += len(entries)
         last = entries[-1][0]
-    client.close()
     yield got
+    client.close()
 
 
 def read_kafka(target: dict, count: int) -> int:
@@ -239,8 +254,8 @@ def read_kafka(target: dict, count: int) -> int:
         if not messages:
             break
         got += sum(1 for m in messages if m.error() is None)
-    consumer.close()
     yield got
+    consumer.close()
 
 
 def read_nats(target: dict, count: int) -> int:
@@ -265,10 +280,9 @@ def read_nats(target: dict, count: int) -> int:
         return got
 
     yield
-    got = loop.run_until_complete(fetch_all())
+    yield loop.run_until_complete(fetch_all())
     loop.run_until_complete(nc.close())
     loop.close()
-    yield got
 
 
 READERS = {"ingest_sdk": read_ingest, "redis": read_redis, "kafka": read_kafka, "nats": read_nats}
@@ -452,10 +466,11 @@ def client_loop(commands, ready, results) -> None:
             answered = True
             commands.get()  # go
             cpu_before, started = cpu_seconds(), time.monotonic()
-            outcome = next(steps, None)
-            for _ in steps:
+            outcome = next(steps)  # the last record acknowledged (or read): the clock stops
+            finished, cpu_s = time.monotonic(), cpu_seconds() - cpu_before
+            for _ in steps:  # closing connections is not part of the row
                 pass
-            results.put((outcome, started, time.monotonic(), cpu_seconds() - cpu_before, None))
+            results.put((outcome, started, finished, cpu_s, None))
         except BaseException as e:  # reported to the harness, which fails the row loudly
             if not answered:
                 ready.put(False)
