@@ -65,6 +65,15 @@ class Plan:
                         payload in self.all_producers_for:
                     yield payload, producers
 
+    def produce(self, pids: list[int], target: dict, payload: str, producers: int, done_at=None):
+        """The run of a produce row, for row()."""
+        return lambda: measure.run_produce(self.pool, pids, target, PAYLOADS[payload], self.records, producers,
+                                           done_at)
+
+    def read(self, pids: list[int], target: dict, payload: str):
+        """The run of a read row (one reader), for row()."""
+        return lambda: measure.run_read(self.pool, pids, target, self.records, len(PAYLOADS[payload]))
+
     def row(self, system: str, mode: str, ack: str, kind: str, payload: str, producers: int, run) -> None:
         """Runs one row; a failed row is recorded with its error and the run goes on."""
         label = f"{system} {mode}"
@@ -128,9 +137,8 @@ def bench_zmq(plan: Plan, root: Path) -> None:
             try:
                 ready.wait(30)
                 target = {"driver": "zmq_raw", "endpoint": endpoint}
-                return measure.run_produce(plan.pool, [receiver.pid], target, PAYLOADS[payload], plan.records,
-                                           producers, done_at=lambda: measure.poll_until(lambda: finished.value > 0)
-                                           and finished.value)
+                return plan.produce([receiver.pid], target, payload, producers, done_at=lambda: measure.poll_until(
+                    lambda: finished.value > 0) and finished.value)()
             finally:
                 stop.set()
                 receiver.join(10)
@@ -163,27 +171,26 @@ def bench_ingest(plan: Plan, root: Path) -> None:
                     bootstrap.create_topic(_case_name(prefix, payload, producers), system.workers)
             bootstrap.create_topic("latency", system.workers)
         for payload, producers in plan.cases():
-            value = PAYLOADS[payload]
             for mode, target_topic, raw in (("PUSH RECORD frames", _case_name("push", payload, producers), False),
                                             ("raw listener", system.RAW_TOPIC, True)):
                 def run(topic=target_topic, raw=raw) -> dict:
                     before = _log_end_total(system, topic)
                     endpoints = [system.raw_endpoint] if raw else [system.push_endpoint(i) for i in range(producers)]
                     target = {"driver": "ingest_push", "endpoints": endpoints, "topic": topic, "raw": raw}
-                    return measure.run_produce(plan.pool, pids, target, value, plan.records, producers, done_at=lambda: measure.poll_until(
-                        lambda: _log_end_total(system, topic) - before >= plan.records))
+                    return plan.produce(pids, target, payload, producers, done_at=lambda: measure.poll_until(
+                        lambda: _log_end_total(system, topic) - before >= plan.records))()
                 plan.row("ingest", mode, peers.ACK_NONE, "produce", payload, producers, run)
             for mode, acks, ack in (("SDK send() acks=1", 1, peers.ACK_WRITTEN),
                                     ("SDK send() acks=fsync", "fsync", peers.ACK_FSYNCED)):
                 target = {"driver": "ingest_sdk", "bootstrap": system.bootstrap, "acks": acks,
                           "topic": _case_name("fsync" if acks == "fsync" else "acks1", payload, producers)}
                 plan.row("ingest", mode, ack, "produce", payload, producers,
-                         lambda target=target: measure.run_produce(plan.pool, pids, target, value, plan.records, producers))
+                         plan.produce(pids, target, payload, producers))
             if producers == plan.producers[0]:
                 target = {"driver": "ingest_sdk", "bootstrap": system.bootstrap,
                           "topic": _case_name("fsync", payload, producers)}
                 plan.row("ingest", "Consumer records()", peers.ACK_FSYNCED, "read", payload, 1,
-                         lambda target=target: measure.run_read(plan.pool, pids, target, plan.records, len(value)))
+                         plan.read(pids, target, payload))
         for mode, acks, ack in (("SDK acks=1", 1, peers.ACK_WRITTEN), ("SDK acks=fsync", "fsync", peers.ACK_FSYNCED)):
             plan.latency_row("ingest", mode, ack, {"driver": "ingest_sdk", "bootstrap": system.bootstrap,
                                                    "acks": acks, "topic": "latency"})
@@ -218,24 +225,17 @@ def bench_nats(plan: Plan, root: Path) -> None:
     with peers.NatsServer(root) as server:
         pids = server.pids()
         for payload, producers in plan.cases():
-            value = PAYLOADS[payload]
+            core = {"driver": "nats", "url": server.url, "jetstream": False, "subject": "core"}
             plan.row("NATS", "core publish", peers.ACK_NONE, "produce", payload, producers,
-                     lambda: measure.run_produce(plan.pool, pids, {"driver": "nats", "url": server.url, "jetstream": False,
-                                                        "subject": "core"}, value, plan.records, producers))
+                     plan.produce(pids, core, payload, producers))
             stream = _case_name("js", payload, producers)
             _nats_stream(server.url, stream)
-
-            def run_js() -> dict:
-                row = measure.run_produce(plan.pool, pids, {"driver": "nats", "url": server.url, "jetstream": True,
-                                                 "subject": stream}, value, plan.records, producers)
-                return row
-
+            js = {"driver": "nats", "url": server.url, "jetstream": True, "subject": stream}
             plan.row("NATS", "JetStream publish_async (file)", server.ACK_JETSTREAM, "produce", payload, producers,
-                     run_js)
+                     plan.produce(pids, js, payload, producers))
             if producers == plan.producers[0]:
                 plan.row("NATS", "JetStream pull fetch", server.ACK_JETSTREAM, "read", payload, 1,
-                         lambda: measure.run_read(plan.pool, pids, {"driver": "nats", "url": server.url, "subject": stream},
-                                                  plan.records, len(value)))
+                         plan.read(pids, js, payload))
             stored = _nats_stream(server.url, stream, delete=True)
             if stored != plan.records:
                 plan.errors.append(f"NATS stream {stream}: {stored} messages stored, {plan.records} sent")
@@ -256,14 +256,13 @@ def bench_redis(plan: Plan, root: Path) -> None:
             admin.config_set("appendfsync", fsync)
             ack = server.ACK_BY_FSYNC[fsync]
             for payload, producers in plan.cases():
-                value = PAYLOADS[payload]
                 stream = _case_name(f"aof-{fsync}", payload, producers)
                 target = {"driver": "redis", "port": server.port, "stream": stream}
                 plan.row("Redis", f"XADD pipelined, AOF {fsync}", ack, "produce", payload, producers,
-                         lambda target=target: measure.run_produce(plan.pool, pids, target, value, plan.records, producers))
+                         plan.produce(pids, target, payload, producers))
                 if fsync == "everysec" and producers == plan.producers[0]:
                     plan.row("Redis", "XREAD", ack, "read", payload, 1,
-                             lambda target=target: measure.run_read(plan.pool, pids, target, plan.records, len(value)))
+                             plan.read(pids, target, payload))
                 stored = admin.xlen(stream)
                 if stored != plan.records:
                     plan.errors.append(f"Redis stream {stream}: {stored} entries stored, {plan.records} sent")
@@ -286,14 +285,13 @@ def bench_tansu(plan: Plan, root: Path) -> None:
         for future in admin.create_topics([NewTopic(t, partitions, 1) for t in topics]).values():
             future.result(30)
         for payload, producers in plan.cases():
-            value = PAYLOADS[payload]
             target = {"driver": "kafka", "bootstrap": server.bootstrap, "topic": _case_name("t", payload, producers),
                       "partitions": partitions}
             plan.row("Tansu", "confluent-kafka acks=all (memory storage)", server.ACK, "produce", payload, producers,
-                     lambda target=target: measure.run_produce(plan.pool, pids, target, value, plan.records, producers))
+                     plan.produce(pids, target, payload, producers))
             if producers == plan.producers[0]:
                 plan.row("Tansu", "confluent-kafka consume, assign()", server.ACK, "read", payload, 1,
-                         lambda target=target: measure.run_read(plan.pool, pids, target, plan.records, len(value)))
+                         plan.read(pids, target, payload))
         plan.latency_row("Tansu", "confluent-kafka acks=all (memory storage)", server.ACK,
                          {"driver": "kafka", "bootstrap": server.bootstrap, "topic": "latency"})
 
@@ -325,12 +323,11 @@ def bench_mqtt(plan: Plan, root: Path) -> None:
     with peers.Mosquitto(root) as server:
         pids = server.pids()
         for payload, producers in plan.cases():
-            value = PAYLOADS[payload]
             for qos, ack in ((0, peers.ACK_NONE), (1, server.ACK_QOS1)):
                 def run(qos=qos) -> dict:
                     _mqtt_archiver(server.port, reset=True)
                     target = {"driver": "mqtt", "port": server.port, "qos": qos, "topic": "bench/telemetry"}
-                    return measure.run_produce(plan.pool, pids, target, value, plan.records, producers)
+                    return plan.produce(pids, target, payload, producers)()
                 plan.row("mosquitto", f"paho QoS {qos}", ack, "produce", payload, producers, run)
         _mqtt_archiver(server.port, reset=True)
         plan.latency_row("mosquitto", "paho QoS 1", server.ACK_QOS1,
