@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 
 import psutil
 
@@ -44,7 +45,7 @@ def cpu_seconds() -> float:
 
 # ---- producing N records ------------------------------------------------------------------
 
-def produce_zmq_raw(target: dict, payload: bytes, count: int, index: int) -> None:
+def produce_zmq_raw(target: dict, payload: bytes, count: int, index: int) -> Iterator[None]:
     import zmq
 
     context = zmq.Context()
@@ -60,7 +61,7 @@ def produce_zmq_raw(target: dict, payload: bytes, count: int, index: int) -> Non
     context.term()
 
 
-def produce_ingest_push(target: dict, payload: bytes, count: int, index: int) -> None:
+def produce_ingest_push(target: dict, payload: bytes, count: int, index: int) -> Iterator[None]:
     """A device's PUSH: one RECORD frame per reading, encoded per reading (null key)."""
     import zmq
     from ingest.net import wire
@@ -83,7 +84,7 @@ def produce_ingest_push(target: dict, payload: bytes, count: int, index: int) ->
     context.term()
 
 
-def produce_ingest_sdk(target: dict, payload: bytes, count: int, index: int) -> None:
+def produce_ingest_sdk(target: dict, payload: bytes, count: int, index: int) -> Iterator[None]:
     from ingest import Producer
 
     with Producer(target["bootstrap"], acks=target["acks"]) as producer:
@@ -96,7 +97,7 @@ def produce_ingest_sdk(target: dict, payload: bytes, count: int, index: int) -> 
         yield
 
 
-def produce_nats(target: dict, payload: bytes, count: int, index: int) -> None:
+def produce_nats(target: dict, payload: bytes, count: int, index: int) -> Iterator[None]:
     import nats
 
     loop = asyncio.new_event_loop()
@@ -121,7 +122,7 @@ def produce_nats(target: dict, payload: bytes, count: int, index: int) -> None:
     loop.close()
 
 
-def produce_redis(target: dict, payload: bytes, count: int, index: int) -> None:
+def produce_redis(target: dict, payload: bytes, count: int, index: int) -> Iterator[None]:
     import redis
 
     client = redis.Redis(port=target["port"])
@@ -137,7 +138,7 @@ def produce_redis(target: dict, payload: bytes, count: int, index: int) -> None:
     client.close()
 
 
-def produce_kafka(target: dict, payload: bytes, count: int, index: int) -> None:
+def produce_kafka(target: dict, payload: bytes, count: int, index: int) -> Iterator[None]:
     from confluent_kafka import Producer as KafkaProducer
 
     producer = KafkaProducer({"bootstrap.servers": target["bootstrap"], "acks": "all"})
@@ -181,7 +182,7 @@ def _mqtt_client(target: dict, client_id: str = "", clean: bool = True):
     return client
 
 
-def produce_mqtt(target: dict, payload: bytes, count: int, index: int) -> None:
+def produce_mqtt(target: dict, payload: bytes, count: int, index: int) -> Iterator[None]:
     qos, topic = target["qos"], target["topic"]
     acked = threading.Semaphore(0)
     client = _mqtt_client(target)
@@ -210,7 +211,7 @@ PRODUCERS = {"zmq_raw": produce_zmq_raw, "ingest_push": produce_ingest_push, "in
 
 # ---- reading them back ----------------------------------------------------------------------
 
-def read_ingest(target: dict, count: int) -> int:
+def read_ingest(target: dict, count: int) -> Iterator[int | None]:
     from ingest import Consumer
 
     with Consumer(target["bootstrap"], target["topic"], from_beginning=True) as consumer:
@@ -223,7 +224,7 @@ def read_ingest(target: dict, count: int) -> int:
         yield got
 
 
-def read_redis(target: dict, count: int) -> int:
+def read_redis(target: dict, count: int) -> Iterator[int | None]:
     import redis
 
     client = redis.Redis(port=target["port"])
@@ -241,7 +242,7 @@ def read_redis(target: dict, count: int) -> int:
     client.close()
 
 
-def read_kafka(target: dict, count: int) -> int:
+def read_kafka(target: dict, count: int) -> Iterator[int | None]:
     from confluent_kafka import Consumer as KafkaConsumer, TopicPartition, OFFSET_BEGINNING
 
     consumer = KafkaConsumer({"bootstrap.servers": target["bootstrap"], "group.id": "bench",
@@ -250,7 +251,9 @@ def read_kafka(target: dict, count: int) -> int:
     yield
     got = 0  # stops at count: the producer's warm-up record is in the topic too
     while got < count:
-        messages = consumer.consume(num_messages=READ_CHUNK_RECORDS, timeout=READ_IDLE_TIMEOUT_S)
+        # consume() returns when it has num_messages or at the timeout: never ask for more
+        # than are left, or the last call waits out the timeout.
+        messages = consumer.consume(num_messages=min(READ_CHUNK_RECORDS, count - got), timeout=READ_IDLE_TIMEOUT_S)
         if not messages:
             break
         got += sum(1 for m in messages if m.error() is None)
@@ -258,7 +261,7 @@ def read_kafka(target: dict, count: int) -> int:
     consumer.close()
 
 
-def read_nats(target: dict, count: int) -> int:
+def read_nats(target: dict, count: int) -> Iterator[int | None]:
     import nats
 
     loop = asyncio.new_event_loop()
