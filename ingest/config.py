@@ -48,6 +48,8 @@ import psutil
 
 from ingest.security import SecurityConfig
 from ingest.shards.log import LogConfig
+from ingest.uplink.config import UplinkConfig, UplinkConfigError
+from ingest.uplink.config import parse as parse_uplinks
 
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
 TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
@@ -120,6 +122,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     topics: tuple[TopicConfig, ...] = ()
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    uplinks: tuple[UplinkConfig, ...] = ()  # [[uplink]]: see ingest/uplink/config.py
 
     @property
     def worker_count(self) -> int:
@@ -183,7 +186,7 @@ def _build(cls, table: dict, section: str):
 
 def from_dict(doc: dict) -> Config:
     doc = dict(doc)
-    unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics", "security"})
+    unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics", "security", "uplink", "uplinks"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     server = dict(doc.get("server", {}))
@@ -198,9 +201,17 @@ def from_dict(doc: dict) -> Config:
         limits=_build(LimitsConfig, dict(doc.get("limits", {})), "limits"),
         topics=tuple(_build(TopicConfig, dict(t), "topic") for t in topics),
         security=_build(SecurityConfig, dict(doc.get("security", {})), "security"),
+        uplinks=_uplinks(doc.get("uplink", doc.get("uplinks", []))),
     )
     validate(config)
     return config
+
+
+def _uplinks(tables: list[dict]) -> tuple[UplinkConfig, ...]:
+    try:
+        return parse_uplinks(tables)
+    except UplinkConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(config: Config) -> None:

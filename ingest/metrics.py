@@ -58,6 +58,15 @@ CATALOG = {
     "disk_full": ("gauge", "1 while appends fail with ENOSPC."),
     "inflight_bytes": ("gauge", "Bytes accepted for acked produce, awaiting fsync."),
     "active_producers": ("gauge", "Idempotent producer ids seen in the last 5 minutes, per worker."),
+    # [[uplink]] (ingest/uplink): forwarding to a Kafka cluster.
+    "uplink_lag_records": ("gauge", "Records of the partition not yet delivered to the uplink's Kafka cluster."),
+    "uplink_lag_seconds": ("gauge", "Age of the oldest record of the partition not yet delivered by the uplink."),
+    "uplink_last_success_timestamp_seconds": ("gauge", "Wall time of the uplink's last delivery report without error, per worker."),
+    "uplink_records_sent_total": ("counter", "Records handed to the uplink's Kafka producer, resends included."),
+    "uplink_records_delivered_total": ("counter", "Records the uplink's Kafka cluster acknowledged (acks=all)."),
+    "uplink_records_resent_total": ("counter", "Records sent again after a failed delivery: each may arrive twice."),
+    "uplink_records_dropped_total": ("counter", "Records retention deleted before the uplink shipped them (disk short of space) or never served as corrupt."),
+    "uplink_errors_total": ("counter", "Uplink producer and delivery errors, by librdkafka error name."),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 

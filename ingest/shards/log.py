@@ -629,21 +629,23 @@ class Log:
 
     # ---- retention ---------------------------------------------------------------------
 
-    def apply_retention(self, now_ms: int | None = None) -> int:
+    def apply_retention(self, now_ms: int | None = None, keep_from_offset: int | None = None) -> int:
         """Delete the oldest non-active segments whose newest record is older than
-        retention_ms (wall clock now_ms), then those beyond retention_bytes in total.
-        log_start_offset moves to the first segment kept. Returns segments deleted."""
+        retention_ms (wall clock now_ms), then those beyond retention_bytes in total,
+        but none holding an offset >= keep_from_offset (data a reader, the uplink, still
+        needs). log_start_offset moves to the first segment kept. Returns segments deleted."""
         self._check_online()
         now_ms = wall_ms() if now_ms is None else now_ms
+        keep_from = self.log_end_offset if keep_from_offset is None else keep_from_offset
         deleted = 0
         if self.config.retention_ms >= 0:
-            while (len(self._segments) > 1 and now_ms - self._segments[0].largest_timestamp_ms
-                   > self.config.retention_ms):
+            while (len(self._segments) > 1 and self._segments[1].base_offset <= keep_from
+                   and now_ms - self._segments[0].largest_timestamp_ms > self.config.retention_ms):
                 self._delete_oldest()
                 deleted += 1
         if self.config.retention_bytes >= 0:
             total_bytes = self.size_bytes
-            while (len(self._segments) > 1
+            while (len(self._segments) > 1 and self._segments[1].base_offset <= keep_from
                    and total_bytes - self._segments[0].size_bytes >= self.config.retention_bytes):
                 total_bytes -= self._segments[0].size_bytes
                 self._delete_oldest()

@@ -35,6 +35,7 @@ from ingest.shards.probe import Probe
 from ingest.shards.producer_state import InvalidProducerEpochError, OutOfOrderSequenceError
 from ingest.shards.requests import RequestHandler
 from ingest.topics import owner_of, raw_listener_of
+from ingest.uplink.task import WorkerUplinks
 
 log = logging.getLogger("ingest.worker")
 
@@ -118,6 +119,7 @@ class Worker:
         self.poller = zmq.Poller()
         self.intake = RecordIntake(self)
         self.requests = RequestHandler(self)
+        self.uplinks = WorkerUplinks(config.uplinks, worker_id, self.probe, config.server.data_dir)
         self._ppid = os.getppid()
 
     # ---- start-up ----------------------------------------------------------------------
@@ -172,6 +174,7 @@ class Worker:
                 if (name, p) not in self.partitions:
                     self.partitions[(name, p)] = Partition(
                         self.config.server.data_dir, name, p, self.config.storage, t)
+                    self.uplinks.attach(self.partitions[(name, p)])
 
     # ---- control channel ---------------------------------------------------------------
 
@@ -384,6 +387,7 @@ class Worker:
         gauges += [("disk_full", worker, 1.0 if self.disk_full else 0.0),
                    ("inflight_bytes", worker, self.requests.inflight_bytes),
                    ("active_producers", worker, active)]
+        gauges += self.uplinks.gauges(t)
         snapshot = self.probe.snapshot(gauges)
         storage = {"segments_rolled_total": 0, "segments_deleted_total": 0, "recovery_truncated_bytes_total": 0}
         for part in self.partitions.values():
@@ -400,7 +404,7 @@ class Worker:
         while not self.stopping:
             t = mono_ms()
             timeout = min(self.next_flush_in_ms(), self.requests.next_deadline_in_ms(t),
-                          self._linger_wait_ms(t), heartbeat_ms)
+                          self._linger_wait_ms(t), self.uplinks.wait_ms(t, heartbeat_ms))
             events = dict(self.poller.poll(timeout))
             for sock in self.inboxes:
                 if sock in events:
@@ -417,6 +421,7 @@ class Worker:
                 self.acks_releasable = False
                 self.requests.release_durable_acks()
             self.requests.serve_waiting(mono_ms())
+            self.uplinks.pump(mono_ms())
             t = mono_ms()
             if t >= next_heartbeat:
                 self.heartbeat()
@@ -431,7 +436,7 @@ class Worker:
     def _apply_retention(self) -> None:
         for part in self.partitions.values():
             if part not in self.flusher.in_flight:  # its fd must stay open until the flush returns
-                part.log.apply_retention(now_ms())
+                part.log.apply_retention(now_ms(), self.uplinks.keep_from(part, self.disk_full))
 
     def drain(self) -> None:
         """Stop intake, take what is queued, fsync, answer, mark clean, exit."""
@@ -446,6 +451,7 @@ class Worker:
         self._finish_flushes()
         self.requests.release_durable_acks()
         self.requests.fail_waiting(ErrorCode.SHUTTING_DOWN)
+        self.uplinks.close()
         for part in self.partitions.values():
             try:
                 part.close()

@@ -1,0 +1,294 @@
+"""One uplink in one worker: reads the worker's partitions by offset, produces to Kafka.
+
+Runs on the worker's loop (`pump()` once per turn), so it reads the logs the worker owns
+without locks; librdkafka's own threads do the network I/O. Delivery reports arrive in
+`producer.poll(0)` on the same loop and advance `PartitionProgress`; delivered progress is
+committed as the consumer group `uplink.<name>` of each partition every
+`commit_interval_ms`.
+
+Guarantee (docs/UPLINK.md): at-least-once. The idempotent producer (acks=all) keeps
+retries inside one producer session free of duplicates; a rewind after a failed delivery
+and a restart after a crash resend what lies after the committed offset, so those records
+may arrive twice (the rewind's are counted in `uplink_records_resent_total`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ingest.clock import mono_ms
+from ingest.clock import now_ms as wall_ms
+from ingest.errors import CorruptDataError, OffsetOutOfRangeError
+from ingest.net.consumer import decode_chunk
+from ingest.shards import batch as batch_codec
+from ingest.uplink.config import UplinkConfig
+from ingest.uplink.progress import PartitionProgress
+
+log = logging.getLogger("ingest.uplink")
+
+# Records handed to the producer in one loop turn, over every partition: bounds how long the
+# uplink holds the loop (about 2 us per record) so intake and acks are not delayed by more
+# than a few milliseconds.
+RECORDS_PER_TURN = 4096
+# A recurring producer error (broker unreachable) is logged at most this often per reason.
+ERROR_LOG_INTERVAL_MS = 60_000
+
+
+class Uplink:
+    def __init__(self, config: UplinkConfig, worker_id: int, probe) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.probe = probe
+        self.parts: dict[tuple[str, int], tuple[object, PartitionProgress]] = {}
+        self.producer = None  # made at the first partition this worker ships
+        self.rebuild_producer = False
+        self.last_success_ms = 0  # wall clock of the last delivery report without error
+        self.next_commit_ms = 0
+        self._error_logged_ms: dict[str, int] = {}
+        self._rotate = 0
+
+    # ---- partitions --------------------------------------------------------------------
+
+    def attach(self, part) -> None:
+        """Ship this partition if the uplink maps its topic; resume at the committed offset."""
+        remote = self.config.remote_topic(part.topic)
+        if remote is None or (part.topic, part.index) in self.parts:
+            return
+        committed = part.groups.get(self.config.group)
+        start = part.log.log_start_offset if committed is None else min(committed, part.log.log_end_offset)
+        progress = PartitionProgress(part.topic, part.index, remote, start)
+        self.parts[(part.topic, part.index)] = (part, progress)
+        labels = {"uplink": self.config.name, "topic": part.topic}
+        for name in ("records_sent_total", "records_delivered_total", "records_resent_total",
+                     "records_dropped_total"):
+            self.probe.count("uplink_" + name, 0, **labels)  # present at 0: alerts see "none", not "no data"
+        if self.producer is None:
+            self.producer = self._new_producer()
+        log.info("uplink %s: %s-%d -> %s from offset %d", self.config.name, part.topic, part.index, remote, start)
+
+    def _new_producer(self):
+        from confluent_kafka import Producer  # optional dependency: only a configured uplink needs it
+        settings = self.config.producer_settings()
+        settings["error_cb"] = self._on_error
+        settings["client.id"] = f"ingest-uplink-{self.config.name}-{self.worker_id}"
+        return Producer(settings)
+
+    def _on_error(self, error) -> None:
+        """librdkafka's client-level errors (broker down, authentication): counted, logged
+        now and then; the producer retries by itself. A fatal one replaces the producer."""
+        self._count_error(error.name())
+        if error.fatal():
+            log.error("uplink %s: fatal producer error %s: starting a new producer", self.config.name, error)
+            self.rebuild_producer = True
+
+    def on_internal_error(self) -> None:
+        """A bug in the uplink: counted and logged (with its traceback, now and then); what
+        was in flight is resent, so nothing is lost, and intake goes on."""
+        self._count_error("internal", exc_info=True)
+        for _, progress in self.parts.values():
+            progress.resent_records += progress.sent - progress.delivered
+            progress.abandon()
+            progress.retry_at_ms = mono_ms() + self.config.retry_backoff_ms
+
+    def _count_error(self, reason: str, exc_info: bool = False) -> None:
+        self.probe.count("uplink_errors_total", 1, uplink=self.config.name, reason=reason)
+        now = wall_ms()
+        if now - self._error_logged_ms.get(reason, -ERROR_LOG_INTERVAL_MS) >= ERROR_LOG_INTERVAL_MS:
+            self._error_logged_ms[reason] = now
+            log.warning("uplink %s: %s (the uplink retries; local retention keeps what is not shipped)",
+                        self.config.name, reason, exc_info=exc_info)
+
+    # ---- the loop's work ---------------------------------------------------------------
+
+    def pump(self, now_ms: int) -> None:
+        """Serve delivery reports, hand new durable records to the producer, commit."""
+        if self.producer is None:
+            return
+        self.producer.poll(0)
+        if self.rebuild_producer:
+            self._replace_producer()
+        budget = RECORDS_PER_TURN
+        in_flight = sum(p.in_flight for _, p in self.parts.values())
+        items = list(self.parts.values())
+        self._rotate = (self._rotate + 1) % max(1, len(items))
+        for part, progress in items[self._rotate:] + items[:self._rotate]:
+            self._settle(part, progress, now_ms)
+            room = min(budget, self.config.inflight_records_max - in_flight)
+            if room <= 0:
+                break
+            if progress.ready(now_ms) and progress.sent < part.log.flushed_offset:
+                sent = self._ship(part, progress, room, now_ms)
+                budget -= sent
+                in_flight += sent
+        if now_ms >= self.next_commit_ms:
+            self.commit()
+            self.next_commit_ms = now_ms + self.config.commit_interval_ms
+
+    def _settle(self, part, progress: PartitionProgress, now_ms: int) -> None:
+        """Collect what delivery reports changed: errors, rewinds, successes, drops."""
+        for reason in progress.errors:
+            self._count_error(reason)
+        progress.errors.clear()
+        if progress.rewind_if_settled(now_ms, self.config.retry_backoff_ms):
+            log.warning("uplink %s: delivery of %s-%d failed; resending from offset %d",
+                        self.config.name, part.topic, part.index, progress.sent)
+        if progress.last_success:
+            progress.last_success = False
+            self.last_success_ms = wall_ms()
+        dropped = progress.skip_to(part.log.log_start_offset)
+        if dropped:
+            log.error("uplink %s: retention deleted %d records of %s-%d that were not shipped "
+                      "(the disk was short of space); shipping goes on from offset %d",
+                      self.config.name, dropped, part.topic, part.index, progress.sent)
+        self._flush_counts(progress)
+
+    def _flush_counts(self, progress: PartitionProgress) -> None:
+        labels = {"uplink": self.config.name, "topic": progress.topic}
+        for attribute, name in (("delivered_records", "uplink_records_delivered_total"),
+                                ("resent_records", "uplink_records_resent_total"),
+                                ("dropped_records", "uplink_records_dropped_total")):
+            value = getattr(progress, attribute)
+            if value:
+                self.probe.count(name, value, **labels)
+                setattr(progress, attribute, 0)
+
+    def _ship(self, part, progress: PartitionProgress, room: int, now_ms: int) -> int:
+        """Produce up to `room` durable records from progress.sent on; returns how many."""
+        try:
+            raw = part.log.read(progress.sent, self.config.read_bytes_max)
+        except CorruptDataError as e:
+            # Never served, so never shipped: counted as dropped, like data retention deleted.
+            log.error("uplink %s: %s", self.config.name, e)
+            progress.dropped_records += e.next_good_offset - progress.sent
+            progress.close_chunk(progress.open_chunk(), e.next_good_offset, 0)
+            return 0
+        except OffsetOutOfRangeError:
+            return 0  # retention moved the start; the next turn's skip_to counts it
+        chunk = decode_chunk(part.topic, part.index, part.log.flushed_offset, raw, progress.sent)
+        offsets = chunk.offsets.tolist()
+        flushed = part.log.flushed_offset
+        count = 0
+        for offset in offsets[:room]:
+            if offset >= flushed:
+                break
+            count += 1
+        if count == 0:
+            return 0
+        c = progress.open_chunk()
+        produced = self._produce(chunk, count, progress, c.on_delivery)
+        if produced:
+            progress.close_chunk(c, offsets[produced - 1] + 1, produced)
+            self.probe.count("uplink_records_sent_total", produced, uplink=self.config.name, topic=part.topic)
+        return produced
+
+    def _produce(self, chunk, count: int, progress: PartitionProgress, on_delivery) -> int:
+        """produce() the first `count` records of a decoded chunk; returns how many went in
+        (fewer when librdkafka's queue is full or refuses a record)."""
+        from confluent_kafka import KafkaException
+        produce = self.producer.produce
+        topic = progress.remote_topic
+        same_partition = self.config.partitioning == "same"
+        partition = progress.partition
+        done = 0
+        try:
+            for record in chunk.records():
+                if done == count:
+                    break
+                headers = list(record.headers) if record.headers else None
+                if same_partition:
+                    produce(topic, record.value, record.key, partition=partition, on_delivery=on_delivery,
+                            timestamp=record.timestamp_ms, headers=headers)
+                else:
+                    produce(topic, record.value, record.key, on_delivery=on_delivery,
+                            timestamp=record.timestamp_ms, headers=headers)
+                done += 1
+        except BufferError:
+            pass  # librdkafka's queue is full: the rest goes in a later turn
+        except KafkaException as e:  # e.g. the remote topic has fewer partitions
+            self._count_error(e.args[0].name())
+            progress.retry_at_ms = mono_ms() + self.config.retry_backoff_ms
+        return done
+
+    def _replace_producer(self) -> None:
+        old, self.producer = self.producer, None
+        old.purge()
+        old.poll(0)
+        for _, progress in self.parts.values():
+            progress.resent_records += progress.sent - progress.delivered
+            progress.abandon()
+        self.rebuild_producer = False
+        self.producer = self._new_producer()
+
+    def commit(self) -> None:
+        """Write delivered progress as the group's committed offset (fsynced, per partition)."""
+        for part, progress in self.parts.values():
+            offset = progress.committable()
+            if offset is None:
+                continue
+            try:
+                part.groups.commit(self.config.group, offset)
+            except OSError as e:  # a full disk: the next commit retries; a crash resends more
+                log.warning("uplink %s: committing %s-%d failed: %s", self.config.name, part.topic, part.index, e)
+                return
+            progress.mark_committed(offset)
+
+    # ---- what the worker asks --------------------------------------------------------------
+
+    def wait_ms(self, now_ms: int, idle_ms: int) -> int:
+        """How long the loop may block: delivery reports need poll() while records are in flight."""
+        wait = idle_ms
+        room = sum(p.in_flight for _, p in self.parts.values()) < self.config.inflight_records_max
+        for part, progress in self.parts.values():
+            if progress.chunks or progress.rewind_pending:
+                wait = min(wait, UPLINK_POLL_MS)
+            if not progress.rewind_pending and progress.sent < part.log.flushed_offset:  # a backlog
+                wait = min(wait, max(0, progress.retry_at_ms - now_ms) if room else UPLINK_POLL_MS)
+        return wait
+
+    def delivered_offset(self, part) -> int | None:
+        entry = self.parts.get((part.topic, part.index))
+        return None if entry is None else entry[1].delivered
+
+    def gauges(self, now_ms: int) -> list[tuple[str, dict, float]]:
+        rows = []
+        for part, progress in self.parts.values():
+            labels = {"uplink": self.config.name, "topic": part.topic, "partition": str(part.index)}
+            rows.append(("uplink_lag_records", labels, max(0, part.log.log_end_offset - progress.delivered)))
+            rows.append(("uplink_lag_seconds", labels, record_age_s(part, progress.delivered, now_ms)))
+        if self.parts:
+            rows.append(("uplink_last_success_timestamp_seconds",
+                         {"uplink": self.config.name, "worker": str(self.worker_id)}, self.last_success_ms / 1000))
+        return rows
+
+    def close(self, timeout_s: float) -> None:
+        """Drain: wait (bounded) for what is in flight to be delivered, then commit."""
+        if self.producer is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while any(p.chunks for _, p in self.parts.values()) and time.monotonic() < deadline:
+            self.producer.poll(0.05)
+            for part, progress in self.parts.values():
+                self._settle(part, progress, mono_ms())
+        self.commit()
+        self.producer.purge()
+        self.producer.poll(0)
+        self.producer = None
+
+
+# While records are in flight the loop wakes at least this often to serve delivery reports
+# (librdkafka's reports wait in its queue until poll(); 5 ms adds little to acks=all latency).
+UPLINK_POLL_MS = 5
+
+
+def record_age_s(part, offset: int, now_ms: int) -> float:
+    """Age of the record at `offset` by its timestamp (0 when there is none yet)."""
+    if offset >= part.log.log_end_offset:
+        return 0.0
+    try:
+        chunk = part.log.read(max(offset, part.log.log_start_offset), 1)
+    except (CorruptDataError, OffsetOutOfRangeError):
+        return 0.0
+    for _pos, header in batch_codec.iter_batches(chunk):
+        return max(0.0, (now_ms - header.base_timestamp_ms) / 1000)
+    return 0.0

@@ -1,0 +1,217 @@
+"""Uplink: a real appliance forwards topics to a real Kafka-protocol broker (Tansu, started
+here on loopback), read back with confluent-kafka as a data engineer would.
+
+The broker is reached through a relay (tests/kafka_target.py) that the tests cut to take
+the cluster away: connections reset and new ones refused, as when the WAN link of a plant
+goes down. Tansu itself keeps running (its memory storage would lose what it holds).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("confluent_kafka", reason="the uplink needs confluent-kafka: pip install '.[uplink]'")
+
+from ingest import Producer  # noqa: E402
+from ingest.uplink.config import UplinkConfig, UplinkConfigError, UplinkTopic  # noqa: E402
+from tests.kafka_target import Tansu  # noqa: E402
+from tests.support import FAST_HEARTBEATS, Appliance, create_topic, eventually, fetch_all, metric_value  # noqa: E402
+
+TOPIC = "telemetry"
+REMOTE = "plant7.telemetry"
+PARTITIONS = 4
+RESULT_TIMEOUT_S = 30
+ARRIVAL_TIMEOUT_S = 60
+
+
+def uplink_config(tansu: Tansu, *, extra: str = "", kafka: str = "", storage: str = "") -> str:
+    return f"""{FAST_HEARTBEATS}
+{storage}
+[[uplink]]
+name = "dc"
+bootstrap_servers = "{tansu.bootstrap}"
+commit_interval_ms = 200
+retry_backoff_ms = 200
+{extra}
+
+[uplink.kafka]
+"linger.ms" = 5
+"retry.backoff.ms" = 100
+"reconnect.backoff.max.ms" = 500
+{kafka}
+
+[[uplink.topic]]
+name = "{TOPIC}"
+remote = "{REMOTE}"
+"""
+
+
+@pytest.fixture
+def tansu(tmp_path):
+    broker = Tansu(tmp_path / "tansu").start()
+    broker.create_topic(REMOTE, PARTITIONS)
+    yield broker
+    broker.stop()
+
+
+def start_appliance(tmp_path, config_text: str, name: str = "data") -> Appliance:
+    app = Appliance(tmp_path / name, workers=2, config_text=config_text).start()
+    create_topic(app, TOPIC, PARTITIONS)
+    return app
+
+
+def send(app: Appliance, count: int, start: int = 0) -> list[tuple[int, int]]:
+    """`count` keyed records with headers and timestamps, acked with fsync; their (partition, offset)."""
+    with Producer(app.bootstrap, acks="fsync") as producer:
+        futures = [producer.send(TOPIC, b"value-%d" % i, key=b"device-%d" % (i % 37),
+                                 headers=[("seq", b"%d" % i), ("unit", b"C")], timestamp_ms=1_700_000_000_000 + i)
+                   for i in range(start, start + count)]
+        producer.flush(RESULT_TIMEOUT_S)
+        return [f.result(RESULT_TIMEOUT_S) for f in futures]
+
+
+def metric(app: Appliance, name: str, **labels) -> float:
+    return metric_value(app.metrics_text(), name, **labels)
+
+
+def committed_offsets(app: Appliance) -> dict[int, int]:
+    """The uplink's committed offsets as on disk (the consumer group uplink.dc)."""
+    out = {}
+    for p in range(PARTITIONS):
+        path = app.data_dir / f"{TOPIC}-{p}" / "consumer-offsets.json"
+        out[p] = json.loads(path.read_text()).get("uplink.dc", 0) if path.exists() else 0
+    return out
+
+
+def values_by_partition(records: dict[int, list]) -> dict[int, list[bytes]]:
+    return {p: [m.value() for m in messages] for p, messages in records.items()}
+
+
+# ---- config --------------------------------------------------------------------------------
+
+def test_uplink_config_refuses_settings_that_would_break_its_guarantees():
+    with pytest.raises(UplinkConfigError, match="enable.idempotence"):
+        UplinkConfig("dc", "k:9092", kafka={"enable.idempotence": False})
+    with pytest.raises(UplinkConfigError, match="acks"):
+        UplinkConfig("dc", "k:9092", kafka={"acks": "1"})
+    with pytest.raises(UplinkConfigError, match="partitioning"):
+        UplinkConfig("dc", "k:9092", partitioning="random")
+    config = UplinkConfig("dc", "k:9092", topics=(UplinkTopic("a", "remote.a"), UplinkTopic("b", enabled=False),
+                                                  UplinkTopic("c")), kafka={"compression.type": "zstd"})
+    assert (config.remote_topic("a"), config.remote_topic("b"), config.remote_topic("c"),
+            config.remote_topic("d")) == ("remote.a", None, "c", None)
+    settings = config.producer_settings()
+    assert settings["enable.idempotence"] is True and settings["acks"] == "all"
+    assert settings["compression.type"] == "zstd"
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+def test_records_produced_over_zeromq_arrive_in_kafka_with_keys_headers_timestamps_and_partitions(tmp_path, tansu):
+    app = start_appliance(tmp_path, uplink_config(tansu))
+    try:
+        count = 5000
+        positions = send(app, count)
+        remote = tansu.read_all(REMOTE, PARTITIONS, count)
+        local = {p: fetch_all(app, TOPIC, p) for p in range(PARTITIONS)}
+        # Same partition, same order, same key, value, headers and timestamp as stored locally.
+        for p in range(PARTITIONS):
+            assert [(m.key(), m.value(), m.headers(), m.timestamp()[1]) for m in remote[p]] == \
+                   [(r.key, r.value, list(r.headers), r.timestamp_ms) for r in local[p]]
+        assert sum(len(v) for v in remote.values()) == count == len(positions)
+        assert local[0] and local[0][0].headers == (("seq", local[0][0].value.split(b"-")[1]), ("unit", b"C"))
+        # Progress: committed per partition as the group uplink.dc, lag 0, counters agree.
+        assert eventually(lambda: committed_offsets(app) == {p: len(local[p]) for p in range(PARTITIONS)}, 10)
+        assert eventually(lambda: metric(app, "ingest_uplink_records_delivered_total", uplink="dc") == count, 10)
+        text = app.metrics_text()
+        assert metric_value(text, "ingest_uplink_lag_records", uplink="dc") == 0
+        assert metric_value(text, "ingest_uplink_records_resent_total", uplink="dc") == 0
+        assert metric_value(text, "ingest_uplink_records_dropped_total", uplink="dc") == 0
+        assert metric_value(text, "ingest_uplink_last_success_timestamp_seconds", uplink="dc", worker="0") > \
+            time.time() - 60
+    finally:
+        app.stop()
+
+
+def test_broker_unreachable_under_load_then_back_everything_arrives(tmp_path, tansu):
+    """The link to the cluster is cut (connections reset, new ones refused) for several
+    seconds while records keep coming; librdkafka's message timeout is shorter than the
+    outage, so deliveries fail and the uplink must resend from its delivered offset."""
+    app = start_appliance(tmp_path, uplink_config(tansu, kafka='"message.timeout.ms" = 2000'))
+    sent: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            send(app, 500, start=i)
+            sent.append(i)
+            i += 500
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=load)
+    try:
+        producer.start()
+        assert eventually(lambda: metric(app, "ingest_uplink_records_delivered_total", uplink="dc") > 1000, 20)
+        tansu.link.down()
+        outage_start = time.monotonic()
+        # Unshipped records pile up locally: lag in records grows, errors are counted.
+        assert eventually(lambda: metric(app, "ingest_uplink_lag_records", uplink="dc") > 2000, 20)
+        assert eventually(lambda: metric(app, "ingest_uplink_errors_total", uplink="dc") > 0, 20)
+        time.sleep(max(0.0, 5 - (time.monotonic() - outage_start)))
+        tansu.link.up()
+        time.sleep(1)
+        stop.set()
+        producer.join(RESULT_TIMEOUT_S)
+        count = sent[-1] + 500
+        remote = tansu.read_all(REMOTE, PARTITIONS, count, timeout_s=ARRIVAL_TIMEOUT_S)
+        values = Counter(v for vs in values_by_partition(remote).values() for v in vs)
+        assert set(values) == {b"value-%d" % i for i in range(count)}, "records lost"
+        duplicates = sum(values.values()) - count
+        assert eventually(lambda: metric(app, "ingest_uplink_lag_records", uplink="dc") == 0, 20)
+        resent = metric(app, "ingest_uplink_records_resent_total", uplink="dc")
+        assert resent > 0, "the outage was meant to fail deliveries"
+        assert duplicates <= resent, (duplicates, resent)
+        # Per-key order holds in Kafka even across the resend: first arrivals keep the local order.
+        local = {p: [r.value for r in fetch_all(app, TOPIC, p)] for p in range(PARTITIONS)}
+        for p, vs in values_by_partition(remote).items():
+            assert list(dict.fromkeys(vs)) == local[p]
+    finally:
+        stop.set()
+        producer.join(RESULT_TIMEOUT_S)
+        app.stop()
+
+
+def test_kill_9_during_uplink_loses_nothing_and_resends_only_what_was_not_committed(tmp_path, tansu):
+    """At-least-once across a crash: after kill -9 the uplink resumes at its committed
+    offsets; records below them never arrive twice, records above may."""
+    app = start_appliance(tmp_path, uplink_config(tansu))
+    count = 20_000
+    tansu.link.bytes_per_s = 100_000  # a slow WAN link: the crash lands mid-way
+    positions = send(app, count)
+    assert eventually(lambda: 3000 < metric(app, "ingest_uplink_records_delivered_total", uplink="dc"), 30)
+    app.kill()
+    committed = committed_offsets(app)
+    assert 0 < sum(committed.values()) < count, committed
+    tansu.link.bytes_per_s = None
+    app.start()
+    try:
+        remote = tansu.read_all(REMOTE, PARTITIONS, count, timeout_s=ARRIVAL_TIMEOUT_S)
+        local_offset = {b"value-%d" % i: off for i, (_p, off) in enumerate(positions)}
+        for p, vs in values_by_partition(remote).items():
+            arrivals = Counter(vs)
+            expected = {b"value-%d" % i for i, (q, _) in enumerate(positions) if q == p}
+            assert set(arrivals) == expected, f"partition {p}: records lost"
+            twice = [v for v, n in arrivals.items() if n > 1]
+            assert all(n <= 2 for n in arrivals.values())
+            assert all(local_offset[v] >= committed[p] for v in twice), "a committed record was sent again"
+            assert len(twice) <= len(expected) - committed[p]
+        assert eventually(lambda: committed_offsets(app) == {p: sum(1 for q, _ in positions if q == p)
+                                                             for p in range(PARTITIONS)}, 10)
+    finally:
+        app.stop()
