@@ -63,7 +63,7 @@ class PartitionProgress:
         self.delivered_records = 0
         self.resent_records = 0
         self.dropped_records = 0
-        self.errors: list[str] = []
+        self.errors: list = []  # delivery errors since the uplink last looked
         self.last_success = False
 
     def check(self) -> None:
@@ -91,7 +91,7 @@ class PartitionProgress:
 
     def on_failure(self, chunk: Chunk, error) -> None:
         if chunk.generation == self.generation:
-            self.errors.append(error.name() if hasattr(error, "name") else str(error))
+            self.errors.append(error)
             self.rewind_pending = True
 
     def on_chunk_done(self, chunk: Chunk) -> None:

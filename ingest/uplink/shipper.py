@@ -26,11 +26,19 @@ from ingest.uplink.config import UplinkConfig
 from ingest.uplink.progress import PartitionProgress
 
 log = logging.getLogger("ingest.uplink")
+# librdkafka's own log lines (connection failures and the like), through Python's logging.
+librdkafka_log = logging.getLogger("ingest.uplink.librdkafka")
 
 # Records handed to the producer in one loop turn, over every partition: bounds how long the
 # uplink holds the loop (about 2 us per record) so intake and acks are not delayed by more
 # than a few milliseconds.
 RECORDS_PER_TURN = 4096
+# Delivery errors that mean the cluster no longer accepts this producer id or its sequence
+# numbers (librdkafka bumps the epoch after a message timeout; a broker may fence that):
+# resending with the same producer would fail forever, so the uplink starts a new one.
+PRODUCER_STATE_ERRORS = frozenset(("PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "OUT_OF_ORDER_SEQUENCE_NUMBER",
+                                   "UNKNOWN_PRODUCER_ID", "INVALID_PRODUCER_ID_MAPPING", "_FENCED",
+                                   "_GAPLESS_GUARANTEE", "_INCONSISTENT"))
 # A recurring producer error (broker unreachable) is logged at most this often per reason.
 ERROR_LOG_INTERVAL_MS = 60_000
 
@@ -71,6 +79,7 @@ class Uplink:
         from confluent_kafka import Producer  # optional dependency: only a configured uplink needs it
         settings = self.config.producer_settings()
         settings["error_cb"] = self._on_error
+        settings["logger"] = librdkafka_log
         settings["client.id"] = f"ingest-uplink-{self.config.name}-{self.worker_id}"
         return Producer(settings)
 
@@ -79,7 +88,6 @@ class Uplink:
         now and then; the producer retries by itself. A fatal one replaces the producer."""
         self._count_error(error.name())
         if error.fatal():
-            log.error("uplink %s: fatal producer error %s: starting a new producer", self.config.name, error)
             self.rebuild_producer = True
 
     def on_internal_error(self) -> None:
@@ -93,11 +101,16 @@ class Uplink:
 
     def _count_error(self, reason: str, exc_info: bool = False) -> None:
         self.probe.count("uplink_errors_total", 1, uplink=self.config.name, reason=reason)
+        self._log_now_and_then(reason, "uplink %s: %s (the uplink retries; local retention keeps what is not "
+                               "shipped)", self.config.name, reason, exc_info=exc_info)
+
+    def _log_now_and_then(self, key: str, message: str, *args, exc_info: bool = False) -> None:
+        """A warning at most every ERROR_LOG_INTERVAL_MS per key: an outage of hours must
+        not fill the journal."""
         now = wall_ms()
-        if now - self._error_logged_ms.get(reason, -ERROR_LOG_INTERVAL_MS) >= ERROR_LOG_INTERVAL_MS:
-            self._error_logged_ms[reason] = now
-            log.warning("uplink %s: %s (the uplink retries; local retention keeps what is not shipped)",
-                        self.config.name, reason, exc_info=exc_info)
+        if now - self._error_logged_ms.get(key, -ERROR_LOG_INTERVAL_MS) >= ERROR_LOG_INTERVAL_MS:
+            self._error_logged_ms[key] = now
+            log.warning(message, *args, exc_info=exc_info)
 
     # ---- the loop's work ---------------------------------------------------------------
 
@@ -106,14 +119,15 @@ class Uplink:
         if self.producer is None:
             return
         self.producer.poll(0)
+        for part, progress in self.parts.values():
+            self._settle(part, progress, now_ms)
         if self.rebuild_producer:
-            self._replace_producer()
+            self._replace_producer(now_ms)
         budget = RECORDS_PER_TURN
         in_flight = sum(p.in_flight for _, p in self.parts.values())
         items = list(self.parts.values())
         self._rotate = (self._rotate + 1) % max(1, len(items))
         for part, progress in items[self._rotate:] + items[:self._rotate]:
-            self._settle(part, progress, now_ms)
             room = min(budget, self.config.inflight_records_max - in_flight)
             if room <= 0:
                 break
@@ -127,12 +141,15 @@ class Uplink:
 
     def _settle(self, part, progress: PartitionProgress, now_ms: int) -> None:
         """Collect what delivery reports changed: errors, rewinds, successes, drops."""
-        for reason in progress.errors:
-            self._count_error(reason)
+        for error in progress.errors:
+            self._count_error(error.name())
+            if error.fatal() or error.name() in PRODUCER_STATE_ERRORS:
+                self.rebuild_producer = True
         progress.errors.clear()
         if progress.rewind_if_settled(now_ms, self.config.retry_backoff_ms):
-            log.warning("uplink %s: delivery of %s-%d failed; resending from offset %d",
-                        self.config.name, part.topic, part.index, progress.sent)
+            self._log_now_and_then(f"rewind {part.topic}-{part.index}",
+                                   "uplink %s: delivery of %s-%d failed; resending from offset %d",
+                                   self.config.name, part.topic, part.index, progress.sent)
         if progress.last_success:
             progress.last_success = False
             self.last_success_ms = wall_ms()
@@ -210,13 +227,17 @@ class Uplink:
             progress.retry_at_ms = mono_ms() + self.config.retry_backoff_ms
         return done
 
-    def _replace_producer(self) -> None:
+    def _replace_producer(self, now_ms: int) -> None:
+        """Start over with a new producer id: everything not yet delivered is sent again."""
+        log.warning("uplink %s: the cluster refused the producer's id or sequence; starting a new producer",
+                    self.config.name)
         old, self.producer = self.producer, None
         old.purge()
-        old.poll(0)
+        old.poll(0)  # the purged records' reports belong to abandoned chunks: ignored
         for _, progress in self.parts.values():
             progress.resent_records += progress.sent - progress.delivered
             progress.abandon()
+            progress.retry_at_ms = now_ms + self.config.retry_backoff_ms
         self.rebuild_producer = False
         self.producer = self._new_producer()
 
