@@ -189,9 +189,9 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def fetch_all(app: Appliance, topic: str, partition: int) -> list[batch_codec.Record]:
-    """Every record of a partition, read with FETCH from its owner."""
-    records, offset = [], 0
+def fetch_all(app: Appliance, topic: str, partition: int, offset: int = 0) -> list[batch_codec.Record]:
+    """Every record of a partition from `offset` on, read with FETCH from its owner."""
+    records = []
     while True:
         reply = app.request(app.owner_router(partition),
                             wire.FetchRequest(topic=topic, partition=partition, offset=offset, max_bytes=1 << 20))

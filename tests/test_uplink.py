@@ -27,6 +27,13 @@ REMOTE = "plant7.telemetry"
 PARTITIONS = 4
 RESULT_TIMEOUT_S = 30
 ARRIVAL_TIMEOUT_S = 60
+RETENTION_BYTES = 8192
+# Segments far smaller than what piles up, and a retention that would keep almost nothing.
+SMALL_SEGMENTS = f"""
+[storage]
+segment_bytes = 4096
+retention_bytes = {RETENTION_BYTES}
+"""
 
 
 def uplink_config(tansu: Tansu, *, extra: str = "", kafka: str = "", storage: str = "") -> str:
@@ -141,8 +148,10 @@ def test_records_produced_over_zeromq_arrive_in_kafka_with_keys_headers_timestam
 def test_broker_unreachable_under_load_then_back_everything_arrives(tmp_path, tansu):
     """The link to the cluster is cut (connections reset, new ones refused) for several
     seconds while records keep coming; librdkafka's message timeout is shorter than the
-    outage, so deliveries fail and the uplink must resend from its delivered offset."""
-    app = start_appliance(tmp_path, uplink_config(tansu, kafka='"message.timeout.ms" = 2000'))
+    outage, so deliveries fail and the uplink must resend from its delivered offset.
+    Segments are small and retention_bytes far below what piles up: retention must keep
+    every record not yet shipped, and delete them once they are."""
+    app = start_appliance(tmp_path, uplink_config(tansu, kafka='"message.timeout.ms" = 1500', storage=SMALL_SEGMENTS))
     sent: list[int] = []
     stop = threading.Event()
 
@@ -163,7 +172,13 @@ def test_broker_unreachable_under_load_then_back_everything_arrives(tmp_path, ta
         # Unshipped records pile up locally: lag in records grows, errors are counted.
         assert eventually(lambda: metric(app, "ingest_uplink_lag_records", uplink="dc") > 2000, 20)
         assert eventually(lambda: metric(app, "ingest_uplink_errors_total", uplink="dc") > 0, 20)
-        time.sleep(max(0.0, 5 - (time.monotonic() - outage_start)))
+        assert metric(app, "ingest_uplink_lag_seconds", uplink="dc") > 0
+        time.sleep(max(0.0, 4 - (time.monotonic() - outage_start)))
+        # Far more than retention_bytes is kept: retention holds what the uplink has not shipped.
+        text = app.metrics_text()
+        assert all(metric_value(text, "ingest_log_size_bytes", topic=TOPIC, partition=str(p)) > 4 * RETENTION_BYTES
+                   for p in range(PARTITIONS))
+        held = log_start_offsets(app)
         tansu.link.up()
         time.sleep(1)
         stop.set()
@@ -174,13 +189,18 @@ def test_broker_unreachable_under_load_then_back_everything_arrives(tmp_path, ta
         assert set(values) == {b"value-%d" % i for i in range(count)}, "records lost"
         duplicates = sum(values.values()) - count
         assert eventually(lambda: metric(app, "ingest_uplink_lag_records", uplink="dc") == 0, 20)
+        # Nothing was deleted unshipped (everything arrived, nothing counted as dropped) ...
+        assert metric(app, "ingest_uplink_records_dropped_total", uplink="dc") == 0
+        # ... and once shipped, retention deletes it.
+        assert eventually(lambda: all(log_start_offsets(app)[p] > held[p] for p in held), 20)
         resent = metric(app, "ingest_uplink_records_resent_total", uplink="dc")
         assert resent > 0, "the outage was meant to fail deliveries"
         assert duplicates <= resent, (duplicates, resent)
         # Per-key order holds in Kafka even across the resend: first arrivals keep the local order.
-        local = {p: [r.value for r in fetch_all(app, TOPIC, p)] for p in range(PARTITIONS)}
         for p, vs in values_by_partition(remote).items():
-            assert list(dict.fromkeys(vs)) == local[p]
+            local = [r.value for r in fetch_all(app, TOPIC, p, int(log_start_offsets(app)[p]))]
+            first_arrivals = list(dict.fromkeys(vs))
+            assert first_arrivals[len(first_arrivals) - len(local):] == local
     finally:
         stop.set()
         producer.join(RESULT_TIMEOUT_S)
@@ -213,5 +233,42 @@ def test_kill_9_during_uplink_loses_nothing_and_resends_only_what_was_not_commit
             assert len(twice) <= len(expected) - committed[p]
         assert eventually(lambda: committed_offsets(app) == {p: sum(1 for q, _ in positions if q == p)
                                                              for p in range(PARTITIONS)}, 10)
+    finally:
+        app.stop()
+
+
+# ---- store-and-forward: retention --------------------------------------------------------------
+
+
+
+def log_start_offsets(app: Appliance) -> dict[int, float]:
+    text = app.metrics_text()
+    return {p: metric_value(text, "ingest_log_start_offset", topic=TOPIC, partition=str(p)) for p in range(PARTITIONS)}
+
+
+def test_a_disk_short_of_space_lets_retention_delete_unshipped_records_counted_as_dropped(tmp_path, tansu):
+    """disk_free_bytes_min above the disk's free space: the disk counts as filling up, so
+    retention deletes as configured; every record it took from the uplink is counted.
+    (inflight_records_max is small so that most records wait in the log, not in librdkafka's
+    queue, where retention cannot take them.)"""
+    tansu.link.down()
+    extra = "disk_free_bytes_min = 1000000000000000000\ninflight_records_max = 100"
+    app = start_appliance(tmp_path, uplink_config(tansu, extra=extra, storage=SMALL_SEGMENTS))
+    try:
+        count = 4000
+        for start in range(0, count, 500):
+            send(app, 500, start)
+        assert eventually(lambda: all(start > 0 for start in log_start_offsets(app).values()), 10)
+        tansu.link.up()
+        # Shipping resumes at each log's start; the gap is counted, never silent.
+        assert eventually(lambda: metric(app, "ingest_uplink_lag_records", uplink="dc") == 0, ARRIVAL_TIMEOUT_S)
+        dropped = int(metric(app, "ingest_uplink_records_dropped_total", uplink="dc"))
+        assert 0 < dropped <= sum(log_start_offsets(app).values())
+        remote = tansu.read_all(REMOTE, PARTITIONS, count - dropped, timeout_s=ARRIVAL_TIMEOUT_S)
+        arrived = {v for vs in values_by_partition(remote).values() for v in vs}
+        assert len(arrived) + dropped == count, "a record neither arrived nor was counted as dropped"
+        for p, start in log_start_offsets(app).items():
+            assert {r.value for r in fetch_all(app, TOPIC, p, int(start))} <= arrived
+        assert "were not shipped" in app.log()
     finally:
         app.stop()
