@@ -66,7 +66,7 @@ CATALOG = {
     "uplink_records_delivered_total": ("counter", "Records the uplink's Kafka cluster acknowledged (acks=all)."),
     "uplink_records_resent_total": ("counter", "Records sent again after a failed delivery: each may arrive twice."),
     "uplink_records_dropped_total": ("counter", "Records retention deleted before the uplink shipped them (disk short of space) or never served as corrupt."),
-    "uplink_errors_total": ("counter", "Uplink producer and delivery errors, by librdkafka error name."),
+    "uplink_errors_total": ("counter", "Uplink producer and delivery errors, by reason (unreachable, timed_out, fenced, authentication, refused, internal)."),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 

@@ -31,6 +31,7 @@ from ingest.metrics import CATALOG
 from ingest.net import wire
 from ingest.shards import batch as batch_codec
 from ingest.shards.probe import LATENCY_BUCKETS_S
+from tests.kafka_target import Tansu
 from tests.support import FAST_HEARTBEATS, Appliance
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -207,12 +208,26 @@ def prepare(app: Appliance) -> None:
     assert isinstance(reply, wire.OffsetCommitReply), reply
 
 
+def uplink_config(kafka: Tansu) -> str:
+    """An uplink of the topic to a real Kafka-protocol broker, so that its metrics exist."""
+    return f"""
+[[uplink]]
+name = "dc"
+bootstrap_servers = "{kafka.bootstrap}"
+[[uplink.topic]]
+name = "{TOPIC}"
+"""
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """(appliance, prometheus, traffic): a real appliance under steady traffic, scraped
-    every second by a real Prometheus that evaluates the shipped rules."""
+    """(appliance, prometheus, traffic): a real appliance under steady traffic, forwarding
+    it to a Kafka-protocol broker (Tansu), scraped every second by a real Prometheus that
+    evaluates the shipped rules."""
     base = tmp_path_factory.mktemp("deploy")
-    app = Appliance(base / "data", workers=2, config_text=FAST_HEARTBEATS)
+    kafka = Tansu(base / "tansu").start()
+    kafka.create_topic(TOPIC, 2)
+    app = Appliance(base / "data", workers=2, config_text=FAST_HEARTBEATS + uplink_config(kafka))
     prometheus = Prometheus(base / "prometheus", f"127.0.0.1:{app.metrics_port}").start()
     traffic = Traffic(app)
     try:
@@ -227,6 +242,7 @@ def stack(tmp_path_factory):
             traffic.join(10)
         prometheus.stop()
         app.stop()
+        kafka.stop()
 
 
 def wait_for_values(prometheus: Prometheus, traffic: Traffic, exprs: list[str]) -> dict[str, str]:

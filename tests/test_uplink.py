@@ -171,7 +171,7 @@ def test_broker_unreachable_under_load_then_back_everything_arrives(tmp_path, ta
         outage_start = time.monotonic()
         # Unshipped records pile up locally: lag in records grows, errors are counted.
         assert eventually(lambda: metric(app, "ingest_uplink_lag_records", uplink="dc") > 2000, 20)
-        assert eventually(lambda: metric(app, "ingest_uplink_errors_total", uplink="dc") > 0, 20)
+        assert eventually(lambda: metric(app, "ingest_uplink_errors_total", uplink="dc", reason="unreachable") > 0, 20)
         assert metric(app, "ingest_uplink_lag_seconds", uplink="dc") > 0
         time.sleep(max(0.0, 4 - (time.monotonic() - outage_start)))
         # Far more than retention_bytes is kept: retention holds what the uplink has not shipped.

@@ -23,6 +23,7 @@ from ingest.errors import CorruptDataError, OffsetOutOfRangeError
 from ingest.net.consumer import decode_chunk
 from ingest.shards import batch as batch_codec
 from ingest.uplink.config import UplinkConfig
+from ingest.uplink.errors import PRODUCER_STATE_ERRORS, REASONS, reason_of
 from ingest.uplink.progress import PartitionProgress
 
 log = logging.getLogger("ingest.uplink")
@@ -33,12 +34,6 @@ librdkafka_log = logging.getLogger("ingest.uplink.librdkafka")
 # uplink holds the loop (about 2 us per record) so intake and acks are not delayed by more
 # than a few milliseconds.
 RECORDS_PER_TURN = 4096
-# Delivery errors that mean the cluster no longer accepts this producer id or its sequence
-# numbers (librdkafka bumps the epoch after a message timeout; a broker may fence that):
-# resending with the same producer would fail forever, so the uplink starts a new one.
-PRODUCER_STATE_ERRORS = frozenset(("PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "OUT_OF_ORDER_SEQUENCE_NUMBER",
-                                   "UNKNOWN_PRODUCER_ID", "INVALID_PRODUCER_ID_MAPPING", "_FENCED",
-                                   "_GAPLESS_GUARANTEE", "_INCONSISTENT"))
 # A recurring producer error (broker unreachable) is logged at most this often per reason.
 ERROR_LOG_INTERVAL_MS = 60_000
 
@@ -71,6 +66,8 @@ class Uplink:
         for name in ("records_sent_total", "records_delivered_total", "records_resent_total",
                      "records_dropped_total"):
             self.probe.count("uplink_" + name, 0, **labels)  # present at 0: alerts see "none", not "no data"
+        for reason in REASONS:
+            self.probe.count("uplink_errors_total", 0, uplink=self.config.name, reason=reason)
         if self.producer is None:
             self.producer = self._new_producer()
         log.info("uplink %s: %s-%d -> %s from offset %d", self.config.name, part.topic, part.index, remote, start)
@@ -99,10 +96,11 @@ class Uplink:
             progress.abandon()
             progress.retry_at_ms = mono_ms() + self.config.retry_backoff_ms
 
-    def _count_error(self, reason: str, exc_info: bool = False) -> None:
-        self.probe.count("uplink_errors_total", 1, uplink=self.config.name, reason=reason)
-        self._log_now_and_then(reason, "uplink %s: %s (the uplink retries; local retention keeps what is not "
-                               "shipped)", self.config.name, reason, exc_info=exc_info)
+    def _count_error(self, name: str, exc_info: bool = False) -> None:
+        """One error, by librdkafka's name (or "internal"): counted by reason, logged by name."""
+        self.probe.count("uplink_errors_total", 1, uplink=self.config.name, reason=reason_of(name))
+        self._log_now_and_then(name, "uplink %s: %s (the uplink retries; local retention keeps what is not "
+                               "shipped)", self.config.name, name, exc_info=exc_info)
 
     def _log_now_and_then(self, key: str, message: str, *args, exc_info: bool = False) -> None:
         """A warning at most every ERROR_LOG_INTERVAL_MS per key: an outage of hours must
