@@ -66,8 +66,8 @@ def tansu(tmp_path):
     broker.stop()
 
 
-def start_appliance(tmp_path, config_text: str, name: str = "data") -> Appliance:
-    app = Appliance(tmp_path / name, workers=2, config_text=config_text).start()
+def start_appliance(tmp_path, config_text: str, workers: int = 2) -> Appliance:
+    app = Appliance(tmp_path / "data", workers=workers, config_text=config_text).start()
     create_topic(app, TOPIC, PARTITIONS)
     return app
 
@@ -253,7 +253,7 @@ def test_a_disk_short_of_space_lets_retention_delete_unshipped_records_counted_a
     queue, where retention cannot take them.)"""
     tansu.link.down()
     extra = "disk_free_bytes_min = 1000000000000000000\ninflight_records_max = 100"
-    app = start_appliance(tmp_path, uplink_config(tansu, extra=extra, storage=SMALL_SEGMENTS))
+    app = start_appliance(tmp_path, uplink_config(tansu, extra=extra, storage=SMALL_SEGMENTS), workers=1)
     try:
         count = 4000
         for start in range(0, count, 500):
