@@ -124,17 +124,20 @@ class Link:
 class Tansu:
     """`tansu broker` with memory storage, reached through a Link on another port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, via_link: bool = True) -> None:
+        """via_link=False: clients reach the broker directly (benchmarks: the relay is one
+        Python thread and would be the bottleneck); the link cannot be cut then."""
         self.directory = Path(directory)
         self.broker_port = _free_port()
         self.link = Link(self.broker_port)
-        self.bootstrap = f"127.0.0.1:{self.link.port}"
+        self.via_link = via_link
+        self.bootstrap = f"127.0.0.1:{self.link.port if via_link else self.broker_port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Tansu":
         self.directory.mkdir(parents=True, exist_ok=True)
         argv = [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.broker_port}",
-                "--advertised-listener-url", f"tcp://127.0.0.1:{self.link.port}",
+                "--advertised-listener-url", f"tcp://{self.bootstrap}",
                 "--storage-engine", "memory://tansu/"]
         log = open(self.directory / "tansu.log", "ab")
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -142,17 +145,19 @@ class Tansu:
                           timeout_s=READY_TIMEOUT_S) or self.process.poll() is not None:
             self.stop()
             raise RuntimeError(f"tansu did not start:\n{(self.directory / 'tansu.log').read_text()}")
-        self.link.up()
+        if self.via_link:
+            self.link.up()
         return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        try:
-            self.link.down()
-        except (AttributeError, OSError):
-            pass
+        if self.via_link:
+            try:
+                self.link.down()
+            except (AttributeError, OSError):
+                pass
 
     def create_topic(self, name: str, partitions: int) -> None:
         from confluent_kafka.admin import AdminClient, NewTopic
