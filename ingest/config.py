@@ -32,6 +32,12 @@ Example (every key optional):
     name = "telemetry"
     partitions = 4
     raw_port = 7450          # optional: every frame on this port is one record value
+
+    [[uplink]]               # forward topics to a Kafka cluster: see ingest/uplink/config.py
+    name = "datacentre"
+    bootstrap_servers = "kafka-1:9092"
+    [[uplink.topic]]
+    name = "telemetry"
 """
 
 from __future__ import annotations
