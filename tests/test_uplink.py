@@ -212,9 +212,9 @@ def test_kill_9_during_uplink_loses_nothing_and_resends_only_what_was_not_commit
     offsets; records below them never arrive twice, records above may."""
     app = start_appliance(tmp_path, uplink_config(tansu))
     count = 20_000
-    tansu.link.bytes_per_s = 100_000  # a slow WAN link: the crash lands mid-way
+    tansu.link.bytes_per_s = 50_000  # a slow WAN link: the crash lands mid-way
     positions = send(app, count)
-    assert eventually(lambda: 3000 < metric(app, "ingest_uplink_records_delivered_total", uplink="dc"), 30)
+    assert eventually(lambda: sum(committed_offsets(app).values()) > 0, 30)
     app.kill()
     committed = committed_offsets(app)
     assert 0 < sum(committed.values()) < count, committed
@@ -223,6 +223,7 @@ def test_kill_9_during_uplink_loses_nothing_and_resends_only_what_was_not_commit
     try:
         remote = tansu.read_all(REMOTE, PARTITIONS, count, timeout_s=ARRIVAL_TIMEOUT_S)
         local_offset = {b"value-%d" % i: off for i, (_p, off) in enumerate(positions)}
+        duplicates = 0
         for p, vs in values_by_partition(remote).items():
             arrivals = Counter(vs)
             expected = {b"value-%d" % i for i, (q, _) in enumerate(positions) if q == p}
@@ -231,6 +232,9 @@ def test_kill_9_during_uplink_loses_nothing_and_resends_only_what_was_not_commit
             assert all(n <= 2 for n in arrivals.values())
             assert all(local_offset[v] >= committed[p] for v in twice), "a committed record was sent again"
             assert len(twice) <= len(expected) - committed[p]
+            duplicates += len(twice)
+        print(f"kill -9 during uplink: {sum(committed.values())} of {count} records committed, "
+              f"{duplicates} arrived twice")
         assert eventually(lambda: committed_offsets(app) == {p: sum(1 for q, _ in positions if q == p)
                                                              for p in range(PARTITIONS)}, 10)
     finally:

@@ -218,8 +218,8 @@ class Uplink:
                         partition=partition, on_delivery=on_delivery, timestamp=timestamp_ms,
                         headers=list(chunk.headers(done)) if hn else None)
                 done += 1
-        except BufferError:
-            pass  # librdkafka's queue is full: the rest goes in a later turn
+        except BufferError:  # librdkafka's queue is full (its byte bound): the rest comes later
+            progress.retry_at_ms = mono_ms() + UPLINK_POLL_MS
         except KafkaException as e:  # e.g. the remote topic has fewer partitions
             self._count_error(e.args[0].name())
             progress.retry_at_ms = mono_ms() + self.config.retry_backoff_ms
@@ -275,7 +275,7 @@ class Uplink:
             labels = {"uplink": self.config.name, "topic": part.topic, "partition": str(part.index)}
             rows.append(("uplink_lag_records", labels, max(0, part.log.log_end_offset - progress.delivered)))
             rows.append(("uplink_lag_seconds", labels, record_age_s(part, progress.delivered, now_ms)))
-        if self.parts:
+        if self.last_success_ms:  # absent until the first delivery: "never" is not 1970
             rows.append(("uplink_last_success_timestamp_seconds",
                          {"uplink": self.config.name, "worker": str(self.worker_id)}, self.last_success_ms / 1000))
         return rows
