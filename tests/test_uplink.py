@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 import pytest
+from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 pytest.importorskip("confluent_kafka", reason="the uplink needs confluent-kafka: pip install '.[uplink]'")
 
@@ -82,6 +83,11 @@ def send(app: Appliance, count: int, start: int = 0) -> list[tuple[int, int]]:
         return [f.result(RESULT_TIMEOUT_S) for f in futures]
 
 
+def kafka_partition(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner (the Java client's murmur2), from kafka-python."""
+    return (kafka_murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def metric(app: Appliance, name: str, **labels) -> float:
     return metric_value(app.metrics_text(), name, **labels)
 
@@ -119,8 +125,26 @@ def test_uplink_config_refuses_settings_that_would_break_its_guarantees():
 
 # ---- end to end ------------------------------------------------------------------------------
 
+BY_KEY = "plant7.by-key"
+BY_KEY_PARTITIONS = 3
+
+
+def by_key_uplink(tansu: Tansu) -> str:
+    """A second uplink of the same topic: Kafka's partitioner on the key picks the remote partition."""
+    return f"""
+[[uplink]]
+name = "bykey"
+bootstrap_servers = "{tansu.bootstrap}"
+partitioning = "key"
+[[uplink.topic]]
+name = "{TOPIC}"
+remote = "{BY_KEY}"
+"""
+
+
 def test_records_produced_over_zeromq_arrive_in_kafka_with_keys_headers_timestamps_and_partitions(tmp_path, tansu):
-    app = start_appliance(tmp_path, uplink_config(tansu))
+    tansu.create_topic(BY_KEY, BY_KEY_PARTITIONS)
+    app = start_appliance(tmp_path, uplink_config(tansu) + by_key_uplink(tansu))
     try:
         count = 5000
         positions = send(app, count)
@@ -141,6 +165,16 @@ def test_records_produced_over_zeromq_arrive_in_kafka_with_keys_headers_timestam
         assert metric_value(text, "ingest_uplink_records_dropped_total", uplink="dc") == 0
         assert metric_value(text, "ingest_uplink_last_success_timestamp_seconds", uplink="dc", worker="0") > \
             time.time() - 60
+        # partitioning = "key": each key in the one partition Kafka's murmur2 picks, in local order.
+        by_key = tansu.read_all(BY_KEY, BY_KEY_PARTITIONS, count)
+        local_order = [r.value for p in range(PARTITIONS) for r in local[p]]
+        for p, messages in by_key.items():
+            assert all(kafka_partition(m.key(), BY_KEY_PARTITIONS) == p for m in messages)
+            for key in {m.key() for m in messages}:
+                shipped = [m.value() for m in messages if m.key() == key]
+                members = set(shipped)
+                assert shipped == [v for v in local_order if v in members]
+        assert sum(len(v) for v in by_key.values()) == count
     finally:
         app.stop()
 
