@@ -306,7 +306,7 @@ def record_age_s(part, offset: int, now_ms: int) -> float:
         return 0.0
     try:
         chunk = part.log.read(max(offset, part.log.log_start_offset), 1)
-    except (CorruptDataError, OffsetOutOfRangeError):
+    except (CorruptDataError, OffsetOutOfRangeError, OSError):  # OSError: an offline log
         return 0.0
     for _pos, header in batch_codec.iter_batches(chunk):
         return max(0.0, (now_ms - header.base_timestamp_ms) / 1000)
