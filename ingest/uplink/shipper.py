@@ -34,6 +34,9 @@ librdkafka_log = logging.getLogger("ingest.uplink.librdkafka")
 # uplink holds the loop (about 2 us per record) so intake and acks are not delayed by more
 # than a few milliseconds.
 RECORDS_PER_TURN = 4096
+# While records are in flight the loop wakes at least this often to serve delivery reports
+# (librdkafka's reports wait in its queue until poll(); 5 ms adds little to acks=all latency).
+UPLINK_POLL_MS = 5
 # A recurring producer error (broker unreachable) is logged at most this often per reason.
 ERROR_LOG_INTERVAL_MS = 60_000
 
@@ -229,13 +232,13 @@ class Uplink:
         """Start over with a new producer id: everything not yet delivered is sent again."""
         log.warning("uplink %s: the cluster refused the producer's id or sequence; starting a new producer",
                     self.config.name)
-        old, self.producer = self.producer, None
-        old.purge()
-        old.poll(0)  # the purged records' reports belong to abandoned chunks: ignored
         for _, progress in self.parts.values():
             progress.resent_records += progress.sent - progress.delivered
             progress.abandon()
             progress.retry_at_ms = now_ms + self.config.retry_backoff_ms
+        old, self.producer = self.producer, None
+        old.purge()
+        old.poll(0)  # the purged records' reports belong to the abandoned chunks: ignored
         self.rebuild_producer = False
         self.producer = self._new_producer()
 
@@ -294,10 +297,6 @@ class Uplink:
         self.producer.poll(0)
         self.producer = None
 
-
-# While records are in flight the loop wakes at least this often to serve delivery reports
-# (librdkafka's reports wait in its queue until poll(); 5 ms adds little to acks=all latency).
-UPLINK_POLL_MS = 5
 
 
 def record_age_s(part, offset: int, now_ms: int) -> float:
