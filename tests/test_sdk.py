@@ -215,6 +215,34 @@ def test_send_batch_stores_numpy_readings_with_one_future_and_keeps_call_order(a
                                                               int(readings["taken_ms"][i]))
 
 
+def test_send_batch_takes_one_buffer_and_lengths_and_refuses_lengths_that_do_not_add_up(appliance):
+    create_topic(appliance, "buffered", 3)
+    values = [b"reading-%d" % i * (i % 4) for i in range(3000)]  # some empty
+    keys = [None if i % 7 == 0 else b"dev-%d" % (i % 40) for i in range(3000)]
+    value_lengths = [len(v) for v in values]
+    value_lengths[5] = -1  # a null value (a tombstone)
+    values[5] = None
+    key_lengths = [-1 if k is None else len(k) for k in keys]
+    value_buffer = bytearray(b"".join(v or b"" for v in values))
+    key_buffer = b"".join(k or b"" for k in keys)
+    with Producer(appliance.bootstrap, acks="fsync") as producer:
+        with pytest.raises(ValueError, match="add up"):
+            producer.send_batch("buffered", value_buffer[:-1], value_lengths=value_lengths)
+        with pytest.raises(ValueError, match="3 keys for 3000 values"):
+            producer.send_batch("buffered", value_buffer, keys=b"abc", value_lengths=value_lengths,
+                                key_lengths=[1, 1, 1])
+        future = producer.send_batch("buffered", value_buffer, keys=key_buffer, timestamps_ms=1_700_000_000_000,
+                                     value_lengths=np.array(value_lengths), key_lengths=key_lengths)
+        value_buffer[:] = b"x" * len(value_buffer)  # the call copied what it needed
+        partitions, offsets = future.result(RESULT_TIMEOUT_S)
+    for i in range(3000):
+        if keys[i] is not None:
+            assert partitions[i] == kafka_partition(keys[i], 3)
+    got = by_position(read_exactly(appliance, "buffered", 3000))
+    assert [got[(int(partitions[i]), int(offsets[i]))] for i in range(3000)] == [
+        (keys[i], values[i], 1_700_000_000_000) for i in range(3000)]
+
+
 def test_a_group_resumes_from_its_committed_offsets_after_close_and_reopen(appliance):
     create_topic(appliance, "resume", 2)
     with Producer(appliance.bootstrap, acks=1) as producer:

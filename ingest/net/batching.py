@@ -180,23 +180,46 @@ def choose_partitions(packed: PackedRecords, partition_count: int, sticky: int) 
 
 
 @njit(cache=True)
-def run_starts(sizes, batch_bytes, records_max):
-    """Where each run of records starts (indices into ``sizes``): greedy, a run takes
-    records while they fit ``batch_bytes`` and ``records_max``; a record larger than
-    batch_bytes is a run of its own."""
-    starts = np.empty(sizes.size, np.int64)
+def group_runs(partitions, sizes, rows, batch_bytes, records_max):
+    """Records ``rows`` grouped by partition (ascending), in send order within each, and
+    cut greedily into runs: a run takes records while they fit ``batch_bytes`` and
+    ``records_max``; a record larger than batch_bytes is a run of its own. Returns
+    (order, bounds, run_partitions): run j is order[bounds[j]:bounds[j + 1]].
+
+    A counting sort: linear, where argsort and a split per group cost several numpy calls
+    and an n log n sort per drain."""
+    partition_count = 0
+    for r in rows:
+        partition_count = max(partition_count, partitions[r] + 1)
+    starts = np.zeros(partition_count + 1, np.int64)
+    for r in rows:
+        starts[partitions[r] + 1] += 1
+    for p in range(partition_count):
+        starts[p + 1] += starts[p]
+    fill = starts[:-1].copy()
+    order = np.empty(rows.size, np.int64)
+    for r in rows:
+        p = partitions[r]
+        order[fill[p]] = r
+        fill[p] += 1
+    bounds = np.empty(rows.size + 1, np.int64)
+    run_partitions = np.empty(rows.size, np.int64)
     runs = 0
-    run_bytes = 0
-    run_records = 0
-    for i in range(sizes.size):
-        if i == 0 or run_bytes + sizes[i] > batch_bytes or run_records == records_max:
-            starts[runs] = i
-            runs += 1
-            run_bytes = 0
-            run_records = 0
-        run_bytes += sizes[i]
-        run_records += 1
-    return starts[:runs]
+    for p in range(partition_count):
+        run_bytes = 0
+        run_records = 0
+        for k in range(starts[p], starts[p + 1]):
+            size = sizes[order[k]]
+            if k == starts[p] or run_bytes + size > batch_bytes or run_records == records_max:
+                bounds[runs] = k
+                run_partitions[runs] = p
+                runs += 1
+                run_bytes = 0
+                run_records = 0
+            run_bytes += size
+            run_records += 1
+    bounds[runs] = rows.size
+    return order, bounds[:runs + 1], run_partitions[:runs]
 
 
 def split_batches(partitions: np.ndarray, sizes: np.ndarray, keep: np.ndarray | None,
@@ -206,23 +229,12 @@ def split_batches(partitions: np.ndarray, sizes: np.ndarray, keep: np.ndarray | 
     rows = np.arange(partitions.size) if keep is None else np.flatnonzero(keep)
     if rows.size == 0:
         return []
-    parts = partitions[rows]
-    if parts.min() == parts.max():
-        groups = [rows]
-    else:
-        order = np.argsort(parts, kind="stable")
-        rows = rows[order]
-        groups = np.split(rows, np.flatnonzero(np.diff(parts[order])) + 1)
-    batches = []
-    for group in groups:
-        partition = int(partitions[group[0]])
-        group_sizes = sizes[group]
-        if group.size <= RECORDS_PER_BATCH_MAX and int(group_sizes.sum()) <= batch_bytes:
-            batches.append((partition, group))
-            continue
-        for piece in np.split(group, run_starts(group_sizes, batch_bytes, RECORDS_PER_BATCH_MAX)[1:]):
-            batches.append((partition, piece))
-    return batches
+    if partitions.dtype != np.int64 or sizes.dtype != np.int64:  # one compiled signature
+        partitions, sizes = partitions.astype(np.int64), sizes.astype(np.int64)
+    order, bounds, run_partitions = group_runs(partitions, sizes, rows, batch_bytes, RECORDS_PER_BATCH_MAX)
+    assert bounds[-1] == rows.size and run_partitions.size == bounds.size - 1
+    ends = bounds.tolist()
+    return [(p, order[start:end]) for p, start, end in zip(run_partitions.tolist(), ends, ends[1:])]
 
 
 def encode_batch_rows(packed: PackedRecords, rows: np.ndarray, producer_id: int, base_sequence: int) -> np.ndarray:
@@ -286,17 +298,57 @@ def _column(data, what: str, count: int | None) -> tuple[np.ndarray, np.ndarray,
             buffer, offsets, lengths = _pack_nullable(data, what, bad)
             if bad:
                 raise next(iter(bad.values()))
-    if count is not None and lengths.size != count:
-        raise ValueError(f"{lengths.size} {what}s for {count} values")
+    _check_count(lengths, what, count)
     return buffer, offsets, lengths
 
 
-def pack_columns(values, keys, timestamps_ms, now_ms: int) -> PackedRecords:
-    """send_batch()'s input as packed columns; ValueError/TypeError for unusable input."""
-    buffer, offsets, lengths = _column(values, "value", None)
+def _check_count(lengths: np.ndarray, what: str, count: int | None) -> None:
+    if count is not None and lengths.size != count:
+        raise ValueError(f"{lengths.size} {what}s for {count} values")
+
+
+def _buffer_column(buffer, lengths, what: str, count: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(buffer, offsets, lengths) from one buffer holding every field back to back and the
+    fields' lengths (-1: null, no bytes): no per-record Python object, no copy."""
+    if isinstance(buffer, np.ndarray):
+        data = np.ascontiguousarray(buffer).view(np.uint8).reshape(-1)
+    else:
+        try:
+            data = np.frombuffer(buffer, np.uint8)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{what}s with {what}_lengths must be one contiguous bytes-like buffer, "
+                            f"not {type(buffer).__name__} ({error})") from None
+    try:
+        lengths = np.array(lengths, dtype=np.int64)  # a copy: the caller may reuse theirs
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{what}_lengths must be a sequence of ints") from None
+    if lengths.ndim != 1:
+        raise ValueError(f"{what}_lengths must have one dimension, not {lengths.ndim}")
+    _check_count(lengths, what, count)
+    present = np.maximum(lengths, 0)
+    if lengths.size and int(lengths.min()) < -1:
+        raise ValueError(f"{what}_lengths must be >= 0 (or -1 for null)")
+    if int(present.sum()) != data.size:
+        raise ValueError(f"{what}_lengths add up to {int(present.sum())} bytes, the buffer holds {data.size}")
+    data = data.view()
+    data.flags.writeable = False  # the kernels' signature for joined bytes: no second compile
+    return data, np.cumsum(present) - present, lengths
+
+
+def pack_columns(values, keys, timestamps_ms, now_ms: int, value_lengths=None, key_lengths=None) -> PackedRecords:
+    """send_batch()'s input as packed columns; ValueError/TypeError for unusable input.
+    With ``value_lengths`` (``key_lengths``), ``values`` (``keys``) is one buffer."""
+    if value_lengths is None:
+        buffer, offsets, lengths = _column(values, "value", None)
+    else:
+        buffer, offsets, lengths = _buffer_column(values, value_lengths, "value", None)
     packed = PackedRecords(lengths.size)
     packed.values, packed.value_offsets, packed.value_lengths = buffer, offsets, lengths
-    if keys is not None:
+    if key_lengths is not None:
+        if keys is None:
+            raise ValueError("key_lengths without keys: pass the keys' buffer too")
+        packed.keys, packed.key_offsets, packed.key_lengths = _buffer_column(keys, key_lengths, "key", packed.count)
+    elif keys is not None:
         packed.keys, packed.key_offsets, packed.key_lengths = _column(keys, "key", packed.count)
     if timestamps_ms is None:
         packed.timestamps_ms = np.full(packed.count, now_ms, np.int64)

@@ -386,17 +386,22 @@ class Producer:
 
     # ---- send_batch, flush, close ------------------------------------------------------
 
-    def send_batch(self, topic: str, values, keys=None, timestamps_ms=None) -> BatchFuture:
+    def send_batch(self, topic: str, values, keys=None, timestamps_ms=None, *,
+                   value_lengths=None, key_lengths=None) -> BatchFuture:
         """Queue many records in one call; returns one BatchFuture.
 
         ``values``: a sequence of bytes-like, or a numpy array whose rows (2-D) or elements
         (1-D, e.g. a structured array of readings) are the values, with no per-record
-        Python object. ``keys``: None (all null), or the same forms. ``timestamps_ms``:
-        None (now), one int for all, or one per record. Records already queued with
-        send() for this topic go first, so per-partition order follows call order.
+        Python object; or, with ``value_lengths`` (one int per record, -1 for a null
+        value), one bytes-like buffer holding every value back to back: the cheapest
+        form, nothing is joined or measured per record. ``keys``: None (all null), or the
+        same forms (``key_lengths`` for one buffer). ``timestamps_ms``: None (now), one int
+        for all, or one per record. Records already queued with send() for this topic go
+        first, so per-partition order follows call order.
         """
         acc = self._accumulator(topic)
-        packed = pack_columns(values, keys, timestamps_ms, time.time_ns() // 1_000_000)
+        packed = pack_columns(values, keys, timestamps_ms, time.time_ns() // 1_000_000,
+                              value_lengths, key_lengths)
         drain = Drain()
         if packed.count == 0:
             drain.assign([], np.zeros(0, np.int32), np.zeros(0, np.int32), {})
