@@ -52,6 +52,10 @@ RETRIABLE = frozenset(code for code in ErrorCode if code.retriable) | {
     ErrorCode.UNKNOWN_TOPIC_OR_PARTITION}  # a new topic reaches the workers a moment after it is created
 # Correlation ids are u32 on the wire; a link's counter wraps there.
 CORRELATION_ID_MODULUS = 1 << 32
+# Replies at least this large (fetched records) are decoded in place from ZeroMQ's message
+# instead of being copied into a bytes object first; below it a copy is cheaper than the
+# Frame object that keeps the message alive. pyzmq's own copy threshold is 64 KiB too.
+REPLY_ZERO_COPY_BYTES_MIN = 1 << 16
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 
@@ -272,9 +276,12 @@ class WorkerLink:
         recv = self.socket.recv
         while True:
             try:
-                frame = recv(zmq.NOBLOCK)
+                message = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            # A fetched chunk's records stay a view of the message: the consumer copies
+            # them once, into the bytes its records are sliced from.
+            frame = message.buffer if len(message) >= REPLY_ZERO_COPY_BYTES_MIN else message.bytes
             try:
                 reply = wire.decode_reply(frame)
             except WireError:
