@@ -12,6 +12,11 @@
    back with Consumer iteration (one Record per record) and poll_batch() (columns).
 3. The ceiling: raw pyzmq PUSH -> PULL of the same values, one frame per record, from
    this process to a receiver process that only counts them.
+4. Acked latency at 50% load: send() with acks=fsync paced at half the rate measured for
+   send() in step 2, for ``--latency-seconds``; every LATENCY_SAMPLE_EVERY-th record's
+   future is awaited by a second thread, which notes send-to-ack time (p50/p99/p99.9).
+   Once with the defaults, once more against a second appliance with both waits (the
+   producer's linger_ms, the group commit's flush_interval_ms) at EAGER_MS.
 
 Median of ``--repeats`` runs each. The appliance, this client and the receiver share the
 machine's cores, as they would on a gateway.
@@ -38,6 +43,13 @@ from ingest.net.client import BootstrapClient
 from tests.support import Appliance, free_port_block
 
 KEYS = [b"device-%03d" % i for i in range(1000)]
+# One record in this many is timed from send() to its ack: enough samples for p99.9 in a
+# few seconds, few enough futures that keeping them costs the sender nothing measurable.
+LATENCY_SAMPLE_EVERY = 50
+# The paced sender sends a burst every tick: 1 ms is below the latencies being measured.
+PACE_TICK_S = 0.001
+# linger_ms and flush_interval_ms of the latency run that shows what the two waits cost.
+EAGER_MS = 1
 # Calls per send() timing round: below the accumulator's first drain threshold
 # (batch_bytes // 128 records), so that the timing holds calls only.
 CALLS_PER_ROUND = 50_000
@@ -100,15 +112,22 @@ def bench_send_call(value_bytes: int, repeats: int) -> dict:
 
 # ---- 2. against the appliance ------------------------------------------------------------
 
-def _produce(bootstrap: str, topic: str, acks, values: list, use_batch: bool,
+def _produce(bootstrap: str, topic: str, acks, values: list, use_batch: bool | str,
              keep_futures: bool = True, curve=None) -> float:
     count = len(values)
     with Producer(bootstrap, acks=acks, curve=curve) as producer:
         producer.send(topic, b"warm-up").result(30)  # metadata, connections, numba loaded
+        chunk = 10_000  # a gateway's worth of readings per call
+        keys = [KEYS[i % 1000] for i in range(count)]
+        if use_batch == "buffer":  # readings as they sit in a gateway's receive buffer
+            chunks = [(b"".join(values[i:i + chunk]), [len(v) for v in values[i:i + chunk]],
+                       b"".join(keys[i:i + chunk]), [len(k) for k in keys[i:i + chunk]])
+                      for i in range(0, count, chunk)]
         started = time.perf_counter()
-        if use_batch:
-            keys = [KEYS[i % 1000] for i in range(count)]
-            chunk = 10_000  # a gateway's worth of readings per call
+        if use_batch == "buffer":
+            futures = [producer.send_batch(topic, v, keys=k, value_lengths=vn, key_lengths=kn)
+                       for v, vn, k, kn in chunks]
+        elif use_batch:
             futures = [producer.send_batch(topic, values[i:i + chunk], keys=keys[i:i + chunk])
                        for i in range(0, count, chunk)]
         elif keep_futures:
@@ -144,6 +163,58 @@ def _consume(bootstrap: str, topic: str, count: int, columns: bool, curve=None) 
     if got < count:
         raise RuntimeError(f"read {got} of {count} records")
     return got / elapsed
+
+
+def bench_acked_latency(bootstrap: str, topic: str, values: list, rate: float, seconds: float,
+                        linger_ms: float = 5) -> dict:
+    """send() latencies (ms) to acks=fsync at ``rate`` records/s for ``seconds``."""
+    samples: list[tuple[float, object]] = []
+    latencies_ms: list[float] = []
+    arrived = threading.Condition()
+    finished = False
+
+    def await_acks() -> None:  # resolves in send order per partition; the clock stops at the ack seen
+        taken = 0
+        while True:
+            with arrived:
+                while taken == len(samples) and not finished:
+                    arrived.wait()
+                if taken == len(samples):
+                    return
+                sent_s, future = samples[taken]
+            taken += 1
+            future.result(60)
+            latencies_ms.append((time.perf_counter() - sent_s) * 1000)
+
+    with Producer(bootstrap, acks="fsync", linger_ms=linger_ms) as producer:
+        producer.send(topic, b"warm-up").result(30)
+        waiter = threading.Thread(target=await_acks, daemon=True)
+        waiter.start()
+        send, count, sent = producer.send, len(values), 0
+        started = time.perf_counter()
+        while (now := time.perf_counter()) - started < seconds:
+            due = int((now - started) * rate)  # records that should have gone by now
+            while sent < due:
+                i = sent % count
+                if sent % LATENCY_SAMPLE_EVERY:
+                    send(topic, values[i], KEYS[i % 1000])
+                else:
+                    future = send(topic, values[i], KEYS[i % 1000])
+                    with arrived:
+                        samples.append((time.perf_counter(), future))
+                        arrived.notify()
+                sent += 1
+            time.sleep(PACE_TICK_S)
+        elapsed = time.perf_counter() - started
+        producer.flush()
+        with arrived:
+            finished = True
+            arrived.notify()
+        waiter.join()
+    ordered = sorted(latencies_ms)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"rate": sent / elapsed, "samples": len(ordered), "p50": pick(0.50), "p99": pick(0.99),
+            "p999": pick(0.999), "max": ordered[-1]}
 
 
 # ---- 3. the ceiling -----------------------------------------------------------------------
@@ -193,7 +264,7 @@ def _median(repeats: int, run) -> float:
     return statistics.median(run() for _ in range(repeats))
 
 
-def run(args) -> tuple[dict, dict]:
+def run(args) -> tuple[dict, dict, dict]:
     values = [os.urandom(args.value_bytes) for _ in range(args.records)]
     calls = bench_send_call(args.value_bytes, args.repeats)
     rates: dict[str, float] = {}
@@ -209,18 +280,32 @@ def run(args) -> tuple[dict, dict]:
             rates["send_fsync_dropped"] = _median(
                 args.repeats, lambda: _produce(app.bootstrap, "fsync", "fsync", values, False, keep_futures=False))
             rates["batch_fsync"] = _median(args.repeats, lambda: _produce(app.bootstrap, "batch", "fsync", values, True))
+            rates["batch_buffer_fsync"] = _median(
+                args.repeats, lambda: _produce(app.bootstrap, "batch", "fsync", values, "buffer"))
             rates["iterate"] = _median(args.repeats, lambda: _consume(app.bootstrap, "fsync", args.records, False))
             rates["poll_batch"] = _median(args.repeats, lambda: _consume(app.bootstrap, "fsync", args.records, True))
+            latency = {"default": bench_acked_latency(app.bootstrap, "fsync", values, rates["send_fsync_dropped"] / 2,
+                                                      args.latency_seconds)}
         finally:
             app.stop()
-    return calls, rates
+        # The same load with both waits that trade latency for batching at 1 ms.
+        app = Appliance(Path(tmp) / "eager", workers=2, config_text=f"[storage]\nflush_interval_ms = {EAGER_MS}\n")
+        app.start()
+        try:
+            with BootstrapClient(app.bootstrap) as bootstrap:
+                bootstrap.create_topic("fsync", 4)
+            latency["eager"] = bench_acked_latency(app.bootstrap, "fsync", values, rates["send_fsync_dropped"] / 2,
+                                                   args.latency_seconds, linger_ms=EAGER_MS)
+        finally:
+            app.stop()
+    return calls, rates, latency
 
 
-def report(args, calls: dict, rates: dict) -> str:
+def report(args, calls: dict, rates: dict, latency: dict) -> str:
     ceiling = rates["ceiling"]
     lines = [
         f"`.venv/bin/python -m bench.bench_sdk --records {args.records} --value-bytes {args.value_bytes} "
-        f"--repeats {args.repeats}` — {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"--repeats {args.repeats} --latency-seconds {args.latency_seconds:g}` — {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, ingest {__version__}; median of {args.repeats} runs; appliance "
         f"`ingest serve --workers 2` on the same cores.",
         "",
@@ -244,10 +329,27 @@ def report(args, calls: dict, rates: dict) -> str:
              ("send_fsync", "Producer.send(), acks=fsync, futures kept"),
              ("send_fsync_dropped", "Producer.send(), acks=fsync, futures not kept"),
              ("batch_fsync", "Producer.send_batch() of 10,000, acks=fsync"),
+             ("batch_buffer_fsync", "Producer.send_batch() of 10,000 from one buffer + lengths, acks=fsync"),
              ("iterate", "Consumer.records() iteration"), ("poll_batch", "Consumer.poll_batch() columns")]
     for key, label in names:
         rate = rates[key]
         lines.append(f"| {label} | {rate:,.0f} | {rate * args.value_bytes / 1e6:.1f} | {rate / ceiling:.2f}x |")
+    default = latency["default"]
+    lines += [
+        "",
+        f"Acked latency at 50% load: send() with acks=fsync paced at {default['rate']:,.0f} records/s (half the "
+        f"'futures not kept' rate) for {args.latency_seconds:g} s; send() to ack of every "
+        f"{LATENCY_SAMPLE_EVERY}th record. Defaults: the producer's linger_ms 5 and the appliance's "
+        f"flush_interval_ms 5 (group commit); eager: both {EAGER_MS} ms (a second appliance, same load):",
+        "",
+        "| settings | samples | p50 ms | p99 ms | p99.9 ms | max ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in (("default", "linger_ms 5, flush_interval_ms 5 (defaults)"),
+                        ("eager", f"linger_ms {EAGER_MS}, flush_interval_ms {EAGER_MS}")):
+        row = latency[name]
+        lines.append(f"| {label} | {row['samples']:,} | {row['p50']:.2f} | {row['p99']:.2f} | "
+                     f"{row['p999']:.2f} | {row['max']:.2f} |")
     return "\n".join(lines)
 
 
@@ -256,10 +358,11 @@ def main(argv=None) -> int:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--value-bytes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-seconds", type=float, default=3.0)
     parser.add_argument("--append", help="append the section to this Markdown file")
     args = parser.parse_args(argv)
-    calls, rates = run(args)
-    text = report(args, calls, rates)
+    calls, rates, latency = run(args)
+    text = report(args, calls, rates, latency)
     print(text)
     if args.append:
         with open(args.append, "a") as f:
