@@ -278,6 +278,28 @@ def test_seek_replays_a_partition_from_any_offset_and_past_the_end_restarts_at_t
         assert next(records).offset == 0
 
 
+def test_records_handed_out_are_consumed_one_by_one_for_position_commit_and_poll_batch(appliance):
+    create_topic(appliance, "handed-out", 1)
+    with Producer(appliance.bootstrap, acks=1) as producer:
+        producer.send_batch("handed-out", [b"%d" % i for i in range(1000)]).result(RESULT_TIMEOUT_S)
+    with Consumer(appliance.bootstrap, "handed-out", group="g", from_beginning=True) as consumer:
+        records = consumer.records(idle_timeout_ms=10_000)
+        assert [next(records).offset for _ in range(10)] == list(range(10))
+        assert consumer.position(0) == 10  # mid-chunk: the ten handed out, not the chunk
+        consumer.commit()
+        assert consumer.committed() == {0: 10}
+        assert next(records).value == b"10"
+        records.close()  # a loop left early: the next records() goes on where it stopped
+        assert next(consumer.records(idle_timeout_ms=10_000)).offset == 11
+        rest = []
+        while (chunk := consumer.poll_batch(timeout_ms=1000)) is not None:
+            rest += chunk.offsets.tolist()
+        assert rest == list(range(12, 1000))  # the chunk's rest, nothing twice
+        assert consumer.position(0) == 1000
+    with Consumer(appliance.bootstrap, "handed-out", group="g") as consumer:
+        assert next(consumer.records(idle_timeout_ms=10_000)).offset == 10
+
+
 def test_poll_batch_columns_hold_exactly_the_iterated_records(appliance):
     create_topic(appliance, "columns", 3)
     with Producer(appliance.bootstrap, acks=1, batch_bytes=4096) as producer:

@@ -23,10 +23,13 @@ OFFSET_FETCH); it does not split partitions between members: give each member it
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -105,16 +108,28 @@ class ColumnChunk(batch_codec.RowFields):
 
     def records(self, start: int = 0) -> Iterator[Record]:
         """Record objects from row ``start`` on (the slow path: one object per record)."""
-        raw, topic, partition = self.raw, self.topic, self.partition
-        columns = zip(self.offsets[start:].tolist(), self.timestamps_ms[start:].tolist(),
-                      self.key_offsets[start:].tolist(), self.key_lengths[start:].tolist(),
-                      self.value_offsets[start:].tolist(), self.value_lengths[start:].tolist(),
-                      self.header_lengths[start:].tolist(), range(start, len(self)))
-        new = tuple.__new__  # Record(...) would run namedtuple's Python-level __new__
-        for offset, timestamp_ms, ko, kn, vo, vn, hn, i in columns:
-            yield new(Record, (topic, partition, offset, timestamp_ms,
-                               None if kn < 0 else raw[ko:ko + kn], None if vn < 0 else raw[vo:vo + vn],
-                               self.headers(i) if hn else ()))
+        return self._records(iter(self.offsets[start:].tolist()), start)
+
+    def _records(self, offsets: Iterator[int], start: int) -> Iterator[Record]:
+        """Records from row ``start`` on, ``offsets`` being the iterator over their offsets.
+
+        Made lazily by C-level iterators (zip, map, one slice per key and value): no Python
+        code runs per record, and the records are not kept, so the garbage collector never
+        sees more than one of them at a time. The caller may read how many were made off
+        ``offsets`` (operator.length_hint), or end the iteration by clearing its list."""
+        raw = self.raw
+        keys = _fields(raw, self.key_offsets[start:], self.key_lengths[start:])
+        values = _fields(raw, self.value_offsets[start:], self.value_lengths[start:])
+        if self.header_lengths[start:].any():
+            headers = [self.headers(i) if n else () for i, n in
+                       enumerate(self.header_lengths[start:].tolist(), start)]
+        else:
+            headers = repeat(())
+        # zip takes from its iterators in order: ``offsets`` is taken from only once the
+        # topic and partition were, so it has given exactly one offset per record made.
+        rows = zip(repeat(self.topic), repeat(self.partition), offsets,
+                   self.timestamps_ms[start:].tolist(), keys, values, headers)
+        return map(_new_record, rows)
 
     def tail(self, start: int) -> ColumnChunk:
         """The rows from ``start`` on, same buffer."""
@@ -122,6 +137,17 @@ class ColumnChunk(batch_codec.RowFields):
             return self
         cut = [getattr(self, name)[start:] for name in _ROW_FIELDS]
         return ColumnChunk(self.topic, self.partition, self.high_watermark, self.raw, self.buffer, *cut)
+
+
+# Record(...) would run namedtuple's Python-level __new__; this makes the same tuple in C.
+_new_record = partial(tuple.__new__, Record)
+
+
+def _fields(raw: bytes, offsets: np.ndarray, lengths: np.ndarray) -> list[bytes | None]:
+    """raw[offsets[i]:][:lengths[i]] for every i, None where the length is -1."""
+    if not lengths.size or int(lengths.min()) >= 0:
+        return [raw[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist())]
+    return [None if n < 0 else raw[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist())]
 
 
 _ROW_FIELDS = ("offsets", "timestamps_ms", "key_offsets", "key_lengths", "value_offsets",
@@ -180,6 +206,43 @@ class _Cursor:
         self.resetting = False
 
 
+class _Reading:
+    """The chunk ``records()`` is handing out, from row ``start`` on.
+
+    Each record handed out counts as consumed, but no Python code runs per record to say
+    so: ``settle()`` reads how many were made off the offsets' list iterator and moves the
+    cursor's position past the last one. Whatever reads or moves a position settles (or
+    stops) the reading first. ``stop()`` ends the iteration where it is (the list it reads
+    offsets from is cleared, so the lazy records end there)."""
+
+    __slots__ = ("cursor", "epoch", "chunk", "start", "offsets", "remaining", "records")
+
+    def __init__(self, cursor: _Cursor, epoch: int, chunk: ColumnChunk, start: int) -> None:
+        self.cursor = cursor
+        self.epoch = epoch
+        self.chunk = chunk
+        self.start = start
+        self.offsets = chunk.offsets[start:].tolist()
+        self.remaining = iter(self.offsets)
+        self.records = chunk._records(self.remaining, start)
+
+    def consumed(self) -> int:
+        """Records handed out so far."""
+        return len(self.offsets) - operator.length_hint(self.remaining)
+
+    def settle(self) -> None:
+        consumed = self.consumed()
+        if consumed and self.cursor.epoch == self.epoch:
+            self.cursor.position = self.offsets[consumed - 1] + 1
+
+    def stop(self) -> int:
+        """End the iteration here; returns the chunk's first row not handed out."""
+        consumed = self.consumed()
+        self.settle()
+        self.offsets.clear()
+        return self.start + consumed
+
+
 class _Request:
     __slots__ = ("worker", "message", "on_reply", "deadline_ms", "sent_s", "reply", "done")
 
@@ -222,8 +285,7 @@ class Consumer:
         self._links: dict[int, WorkerLink] = {}
         self._outbox: deque[_Request] = deque()
         self._ready: deque[tuple[_Cursor, int, ColumnChunk]] = deque()
-        self._current: tuple[_Cursor, int, ColumnChunk] | None = None
-        self._current_row = 0
+        self._current: _Reading | None = None  # the chunk records() is in
         self._error: IngestError | None = None
         self._refreshed_s = 0.0
         try:
@@ -282,6 +344,9 @@ class Consumer:
             self._set_position(cursor, reply.offset)
 
     def _set_position(self, cursor: _Cursor, offset: int) -> None:
+        if self._current is not None and self._current.cursor is cursor:
+            self._current.stop()  # the rest of that chunk is not to be handed out
+            self._current = None
         cursor.position = cursor.fetch_offset = offset
         cursor.epoch += 1
         cursor.buffered = 0
@@ -300,29 +365,28 @@ class Consumer:
         while True:
             if self._current is None:
                 wait_s = 0.1 if idle_s is None else max(0.0, idle_s - (time.monotonic() - last_s))
-                self._current, self._current_row = self._next_chunk(wait_s), 0
-                if self._current is None:
+                found = self._next_chunk(wait_s)
+                if found is None:
                     if idle_s is not None and time.monotonic() - last_s >= idle_s:
                         return
                     continue
-            cursor, epoch, chunk = self._current
-            for record in chunk.records(self._current_row):
-                if cursor.epoch != epoch:
-                    break  # seek() moved this partition: the rest of the chunk is stale
-                self._current_row += 1
-                cursor.position = record.offset + 1
-                yield record
-            self._current = None
+                self._current = _Reading(*found, 0)
+            reading = self._current
+            yield from reading.records  # ends early if seek() or poll_batch() stop the reading
+            if self._current is reading:
+                reading.settle()
+                self._current = None
             last_s = time.monotonic()
 
     def poll_batch(self, timeout_ms: int = POLL_BATCH_TIMEOUT_MS_DEFAULT) -> ColumnChunk | None:
         """The next fetched chunk of records as columns (all consumed once returned), or
         None if nothing arrived within ``timeout_ms``."""
-        if self._current is not None:
-            cursor, epoch, chunk = self._current
+        reading = self._current
+        if reading is not None:
             self._current = None
-            if cursor.epoch == epoch and self._current_row < len(chunk):
-                return self._consume(cursor, chunk.tail(self._current_row))
+            row = reading.stop()
+            if reading.cursor.epoch == reading.epoch and row < len(reading.chunk):
+                return self._consume(reading.cursor, reading.chunk.tail(row))
         found = self._next_chunk(timeout_ms / 1000)
         if found is None:
             return None
@@ -357,6 +421,7 @@ class Consumer:
 
     def position(self, partition: int) -> int:
         """The next offset this consumer hands out for ``partition``."""
+        self._settle()
         return self._cursor(partition).position
 
     def high_watermark(self, partition: int) -> int:
@@ -374,6 +439,7 @@ class Consumer:
         workers have them on disk."""
         if self.group is None:
             raise ValueError("commit() needs a consumer group: Consumer(..., group='name')")
+        self._settle()
         requests = []
         for worker, ps in self._by_worker(self._cursors).items():
             offsets = tuple((p, self._cursors[p].position) for p in ps if self._cursors[p].position >= 0)
@@ -397,6 +463,11 @@ class Consumer:
         requests = [self._request(w, wire.OffsetFetchRequest(self.group, self.topic, tuple(ps)))
                     for w, ps in self._by_worker(self._cursors).items()]
         return {p: o for reply in self._wait(requests) for p, o in reply.offsets}
+
+    def _settle(self) -> None:
+        """Positions up to date with the records handed out so far."""
+        if self._current is not None:
+            self._current.settle()
 
     def _cursor(self, partition: int) -> _Cursor:
         cursor = self._cursors.get(partition)
