@@ -19,7 +19,7 @@ from numba import njit
 
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.shards import kernels, layout
-from ingest.shards.kernels import partition_for_key
+from ingest.shards.kernels import borrowed, partition_for_key
 
 # Records per RecordBatch at most, whatever their size: bounds the per-batch arrays.
 RECORDS_PER_BATCH_MAX = 1 << 20
@@ -157,6 +157,7 @@ _EMPTY_INT64 = np.zeros(0, np.int64)
 def partitions_for_keys(keys, key_offsets, key_lengths, partition_count, null_key_partition, out):
     """Kafka's default partitioner for every record at once: murmur2 of a key, or
     ``null_key_partition`` for a null key (length -1)."""
+    keys = borrowed(keys)  # no atomic reference counting around each per-key call
     for i in range(key_lengths.size):
         if key_lengths[i] < 0:
             out[i] = null_key_partition
