@@ -232,6 +232,8 @@ def split_batches(partitions: np.ndarray, sizes: np.ndarray, keep: np.ndarray | 
         return []
     if partitions.dtype != np.int64 or sizes.dtype != np.int64:  # one compiled signature
         partitions, sizes = partitions.astype(np.int64), sizes.astype(np.int64)
+    # The kernel counts rows per partition into an array indexed by partition number.
+    assert int(partitions.min()) >= 0, "a record without a partition reached the split"
     order, bounds, run_partitions = group_runs(partitions, sizes, rows, batch_bytes, RECORDS_PER_BATCH_MAX)
     assert bounds[-1] == rows.size and run_partitions.size == bounds.size - 1
     ends = bounds.tolist()
