@@ -215,7 +215,7 @@ def test_send_batch_stores_numpy_readings_with_one_future_and_keeps_call_order(a
                                                               int(readings["taken_ms"][i]))
 
 
-def test_send_batch_takes_one_buffer_and_lengths_and_refuses_lengths_that_do_not_add_up(appliance):
+def test_send_batch_takes_one_buffer_and_lengths_and_the_producer_counts_every_outcome(appliance):
     create_topic(appliance, "buffered", 3)
     values = [b"reading-%d" % i * (i % 4) for i in range(3000)]  # some empty
     keys = [None if i % 7 == 0 else b"dev-%d" % (i % 40) for i in range(3000)]
@@ -235,6 +235,11 @@ def test_send_batch_takes_one_buffer_and_lengths_and_refuses_lengths_that_do_not
                                      value_lengths=np.array(value_lengths), key_lengths=key_lengths)
         value_buffer[:] = b"x" * len(value_buffer)  # the call copied what it needed
         partitions, offsets = future.result(RESULT_TIMEOUT_S)
+        for i in range(50):  # futures not kept: the counters tell
+            producer.send("buffered-too", 12345 if i % 10 == 0 else b"%d" % i)
+        producer.flush()
+        assert (producer.delivered_records, producer.failed_records) == (3045, 5)
+        assert producer.last_error.code == ErrorCode.INVALID_REQUEST
     for i in range(3000):
         if keys[i] is not None:
             assert partitions[i] == kafka_partition(keys[i], 3)

@@ -13,7 +13,8 @@ as it holds about ``batch_bytes`` (by the thread that sends the next record), or
 ``flush()``. ``send_batch()`` hands many readings over in one call with one future.
 Each future is a live Python object: a caller that keeps hundreds of thousands of them
 pays CPython's garbage collector two to four times what send() itself costs per record
-(see bench/RESULTS.md); keep the futures you will check, or use send_batch().
+(see bench/RESULTS.md); keep the futures you will check, or none: after flush(),
+``delivered_records``, ``failed_records`` and ``last_error`` say how every record went.
 
 Delivery. One I/O thread (``ingest.net.sender``) owns every socket. It keeps at most five
 batches in flight per partition, in sequence order, and resends the very same bytes after
@@ -178,6 +179,10 @@ class Producer:
         self._drain_lock = threading.Lock()  # one drain at a time: sequences go out in order
         self._space = threading.Condition()  # buffer accounting; flush() waits on it too
         self._buffered_bytes = 0
+        # Outcomes so far (guarded by _space): what a caller that keeps no futures checks.
+        self._delivered_records = 0
+        self._failed_records = 0
+        self._last_error: BaseException | None = None
         self._unfinished: set[Batch] = set()  # submitted, not yet acked or failed
         self._accumulators: dict[str, _Accumulator] = {}
         self._sequences: dict[tuple[str, int], int] = {}
@@ -303,6 +308,7 @@ class Producer:
             except BaseException as error:  # the drain's futures must learn of it
                 if not drain.drained.is_set():
                     drain.fail(error, records)
+                    self._count_failed(records, error)
                 raise
             return True
         finally:
@@ -335,6 +341,8 @@ class Producer:
             acc.records_max = int(min(RECORDS_PER_BATCH_MAX,
                                       max(1, target_bytes * packed.count // max(1, int(sizes.sum())))))
         drain.assign(batches, record_batch, record_position, packed.bad)
+        if packed.bad:  # records that could not be encoded fail alone, now
+            self._count_failed(len(packed.bad), next(iter(packed.bad.values())))
         with self._space:
             self._buffered_bytes += sum(b.size_bytes for b in batches)
             self._unfinished.update(batches)
@@ -382,7 +390,39 @@ class Producer:
         with self._space:
             self._buffered_bytes -= batch.size_bytes
             self._unfinished.discard(batch)
+            if batch.error is None:
+                self._delivered_records += batch.records
+            else:
+                self._failed_records += batch.records
+                self._last_error = batch.error
             self._space.notify_all()
+
+    def _count_failed(self, records: int, error: BaseException) -> None:
+        with self._space:
+            self._failed_records += records
+            self._last_error = error
+
+    # ---- outcomes without futures --------------------------------------------------------
+
+    @property
+    def delivered_records(self) -> int:
+        """Records acknowledged so far at this producer's acks level (acks=0: handed to the
+        socket). With failed_records, what a caller that keeps no futures checks after
+        flush(): each record sent is counted once in one of them when its outcome is known."""
+        with self._space:
+            return self._delivered_records
+
+    @property
+    def failed_records(self) -> int:
+        """Records that failed so far (each future of theirs raises); see last_error."""
+        with self._space:
+            return self._failed_records
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The error of the latest failed record, None if none failed."""
+        with self._space:
+            return self._last_error
 
     # ---- send_batch, flush, close ------------------------------------------------------
 
@@ -414,6 +454,7 @@ class Producer:
             except BaseException as error:
                 if not drain.drained.is_set():
                     drain.fail(error, packed.count)
+                    self._count_failed(packed.count, error)
                 raise
         return BatchFuture(drain, packed.count)
 
@@ -453,6 +494,7 @@ class Producer:
                 with self._lock:
                     if acc.values and not acc.drain.drained.is_set():
                         acc.drain.fail(closed, len(acc.values))
+                        self._count_failed(len(acc.values), closed)
             self.bootstrap.close()
             self.context.term()
             with self._space:
