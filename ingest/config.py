@@ -38,6 +38,14 @@ Example (every key optional):
     bootstrap_servers = "kafka-1:9092"
     [[uplink.topic]]
     name = "telemetry"
+
+    [[processor]]            # stream processing, topic to topic: see ingest/streams/spec.py
+    name = "temp-1m"
+    kind = "aggregate"
+    source = "telemetry"
+    sink = "telemetry-1m"
+    fields = ["temp_c"]
+    window_ms = 60000
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from ingest.security import SecurityConfig
 from ingest.shards.log import LogConfig
 from ingest.uplink.config import UplinkConfig, UplinkConfigError
 from ingest.uplink.config import parse as parse_uplinks
+from ingest.streams.spec import ProcessorConfig, ProcessorConfigError, parse_processors
 
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
 TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
@@ -130,6 +139,8 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     uplinks: tuple[UplinkConfig, ...] = ()  # [[uplink]]: see ingest/uplink/config.py
 
+    processors: tuple[ProcessorConfig, ...] = ()  # [[processor]]: see ingest/streams/spec.py
+
     @property
     def worker_count(self) -> int:
         return self.server.workers or usable_cores()
@@ -192,7 +203,8 @@ def _build(cls, table: dict, section: str):
 
 def from_dict(doc: dict) -> Config:
     doc = dict(doc)
-    unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics", "security", "uplink", "uplinks"})
+    unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics", "security", "uplink", "uplinks",
+                                 "processor", "processors"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     server = dict(doc.get("server", {}))
@@ -208,6 +220,7 @@ def from_dict(doc: dict) -> Config:
         topics=tuple(_build(TopicConfig, dict(t), "topic") for t in topics),
         security=_build(SecurityConfig, dict(doc.get("security", {})), "security"),
         uplinks=_uplinks(doc.get("uplink", doc.get("uplinks", []))),
+        processors=_processors(doc.get("processor", doc.get("processors", [])), topics),
     )
     validate(config)
     return config
@@ -217,6 +230,13 @@ def _uplinks(tables: list[dict]) -> tuple[UplinkConfig, ...]:
     try:
         return parse_uplinks(tables)
     except UplinkConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _processors(tables: list[dict], topics: list[dict]) -> tuple[ProcessorConfig, ...]:
+    try:
+        return parse_processors([dict(t) for t in tables], {t.get("name"): t.get("partitions") for t in topics})
+    except ProcessorConfigError as e:
         raise ConfigError(str(e)) from None
 
 

@@ -67,6 +67,16 @@ CATALOG = {
     "uplink_records_resent_total": ("counter", "Records sent again after a failed delivery: each may arrive twice."),
     "uplink_records_dropped_total": ("counter", "Records retention deleted before the uplink shipped them (disk short of space) or never served as corrupt."),
     "uplink_errors_total": ("counter", "Uplink producer and delivery errors, by reason (unreachable, timed_out, fenced, authentication, refused, internal)."),
+    # Stream processors (ingest/streams), per processor and source partition.
+    "processor_position": ("gauge", "Next source offset the processor will read."),
+    "processor_lag_records": ("gauge", "Source records appended but not processed yet."),
+    "processor_lag_seconds": ("gauge", "Age of the oldest source record not processed yet (0 when caught up)."),
+    "processor_open_windows": ("gauge", "Aggregation windows open (not yet closed by stream time)."),
+    "processor_failed": ("gauge", "1 while the processor is stopped by an error in its function or output."),
+    "processor_records_total": ("counter", "Source records processed."),
+    "processor_output_records_total": ("counter", "Records the processor appended to its sink."),
+    "processor_late_records_total": ("counter", "Records that arrived after a window they belong to had closed (not aggregated there)."),
+    "processor_invalid_records_total": ("counter", "Source records whose fields could not be read (left out)."),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 

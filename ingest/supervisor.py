@@ -30,6 +30,7 @@ from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.sdnotify import Notifier, watchdog_interval_ms
 from ingest.security import CurveGuard
+from ingest.streams.sinks import sinks_to_create
 from ingest.topics import TopicRegistry, write_atomically
 
 log = logging.getLogger("ingest.supervisor")
@@ -112,6 +113,7 @@ class Supervisor:
         self.appliance_id = doc["appliance_id"]
         for topic in self.config.topics:
             self.topics.create(topic)
+        self._create_sinks()
 
     def _bind(self) -> None:
         self.control = self.ctx.socket(zmq.ROUTER)
@@ -234,10 +236,24 @@ class Supervisor:
         for w in self.workers:
             self._send_control(w, {"t": "topics", "topics": self.topics.as_dict()})
 
+    def _create_sinks(self) -> bool:
+        """Create the sink topics of processors whose source exists (streams/sinks.py)."""
+        sinks = sinks_to_create(self.config.processors, self.topics.as_dict())
+        for sink in sinks:
+            self.topics.create(sink)
+            log.info("sink topic %s created with %d partitions", sink.name, sink.partitions)
+        return bool(sinks)
+
     def _create_topic(self, name: str, partitions: int, raw_port: int | None = None) -> bool:
         created = self.topics.create(TopicConfig(name, partitions, raw_port))
         if created:
             log.info("topic %s created with %d partitions", name, partitions)
+        try:
+            sinks = self._create_sinks()
+        except ConfigError as e:  # a sink that exists with another count: the processor stays off
+            log.error("%s", e)
+            sinks = False
+        if created or sinks:
             self._broadcast_topics()
         return created
 
@@ -249,6 +265,7 @@ class Supervisor:
                 "default_partitions": self.config.partitions_default,
                 "auto_create_topics": self.config.server.auto_create_topics,
                 "curve": self.guard.enabled,
+                "processors": [dataclasses.asdict(p) for p in self.config.processors],
                 "metrics": self.metrics_url()}
 
     def metrics_url(self) -> str:

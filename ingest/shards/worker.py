@@ -34,6 +34,7 @@ from ingest.security import CurveGuard
 from ingest.shards.probe import Probe
 from ingest.shards.producer_state import InvalidProducerEpochError, OutOfOrderSequenceError
 from ingest.shards.requests import RequestHandler
+from ingest.streams.runtime import StreamsRuntime
 from ingest.topics import owner_of, raw_listener_of
 from ingest.uplink.task import WorkerUplinks
 
@@ -120,6 +121,7 @@ class Worker:
         self.intake = RecordIntake(self)
         self.requests = RequestHandler(self)
         self.uplinks = WorkerUplinks(config.uplinks, worker_id, self.probe, config.server.data_dir)
+        self.streams = StreamsRuntime(self)  # processors of partitions owned here
         self._ppid = os.getppid()
 
     # ---- start-up ----------------------------------------------------------------------
@@ -135,6 +137,7 @@ class Worker:
             self._on_control()
         kernels.warm_up()
         intake.warm_up()
+        self.streams.warm_up()
         self.guard = CurveGuard(self.ctx, self.config.security)
         self._bind()
         self._send_control({"t": "ready"})
@@ -175,6 +178,7 @@ class Worker:
                     self.partitions[(name, p)] = Partition(
                         self.config.server.data_dir, name, p, self.config.storage, t)
                     self.uplinks.attach(self.partitions[(name, p)])
+        self.streams.attach()
 
     # ---- control channel ---------------------------------------------------------------
 
@@ -311,6 +315,7 @@ class Worker:
     def _on_flushed(self, part: Partition, seconds: float) -> None:
         self.probe.fsync(seconds)
         self.acks_releasable = True
+        self.streams.on_flushed(part)
         try:
             part.after_flush(now_ms())
         except OSError as e:  # a producer-state snapshot is an optimisation: retry later
@@ -388,7 +393,9 @@ class Worker:
                    ("inflight_bytes", worker, self.requests.inflight_bytes),
                    ("active_producers", worker, active)]
         gauges += self.uplinks.gauges(t)
-        snapshot = self.probe.snapshot(gauges)
+        stream_gauges, stream_counters = self.streams.metrics(t)
+        snapshot = self.probe.snapshot(gauges + stream_gauges)
+        snapshot["counters"] += stream_counters
         storage = {"segments_rolled_total": 0, "segments_deleted_total": 0, "recovery_truncated_bytes_total": 0}
         for part in self.partitions.values():
             for name in storage:
@@ -404,7 +411,8 @@ class Worker:
         while not self.stopping:
             t = mono_ms()
             timeout = min(self.next_flush_in_ms(), self.requests.next_deadline_in_ms(t),
-                          self._linger_wait_ms(t), self.uplinks.wait_ms(t, heartbeat_ms))
+                          self._linger_wait_ms(t), self.uplinks.wait_ms(t, heartbeat_ms),
+                          self.streams.wait_ms(heartbeat_ms))
             events = dict(self.poller.poll(timeout))
             for sock in self.inboxes:
                 if sock in events:
@@ -417,6 +425,7 @@ class Worker:
             if self.flusher.wake in events:
                 self.on_flush_results()
             self.flush_due_logs()
+            self.streams.run_due()  # processors of flushed source partitions
             if self.acks_releasable:
                 self.acks_releasable = False
                 self.requests.release_durable_acks()
