@@ -1,4 +1,4 @@
-"""The `ingest` command: serve, produce, consume, topics, status, check, bridge.
+"""The `ingest` command: serve, produce, consume, topics, status, processors, check, bridge.
 
 Errors a user can cause end as one line on stderr and a non-zero exit, never a traceback.
 """
@@ -213,6 +213,26 @@ def _render(meta: dict, now, before, interval_s: float, bootstrap: str) -> str:
     return render(meta, now, before, interval_s, bootstrap)
 
 
+def cmd_processors(args) -> int:
+    import orjson
+
+    from ingest.net.client import BootstrapClient
+    from ingest.streams import status
+
+    with BootstrapClient(args.bootstrap, curve=_curve(args)) as client:
+        meta = client.metadata()
+    if args.action == "list":
+        print(orjson.dumps(meta.get("processors", []), option=orjson.OPT_INDENT_2).decode() if args.json
+              else status.render_list(meta))
+        return 0
+    samples = _scrape(meta)
+    if samples is None:
+        raise CliError(f"metrics at {meta.get('metrics')} are unreachable from here")
+    rows = status.status_rows(meta, samples)
+    print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() if args.json else status.render_status(rows))
+    return 1 if any(r["failed"] for r in rows) else 0
+
+
 def cmd_keys(args) -> int:
     from ingest.security import generate_keys
 
@@ -295,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--interval-ms", type=int, default=1000)
     tp.add_argument("--iterations", type=int, default=0, help="screens to show (0: until Ctrl-C)")
     tp.set_defaults(func=cmd_top)
+
+    pc = sub.add_parser("processors", help="stream processors: list them, or their position, lag and windows",
+                        parents=[client])
+    pc.add_argument("action", choices=["list", "status"])
+    pc.add_argument("--json", action="store_true")
+    pc.set_defaults(func=cmd_processors)
 
     k = sub.add_parser("keys", help="generate a CURVE key pair (appliance or client)")
     k.add_argument("action", choices=["generate"])
