@@ -89,7 +89,7 @@ class WindowedAggregate:
         new = wk.new_state(max(keys, 2 * capacity), self.slots, self.fields)
         for old, fresh in zip(self.state[:-2], new[:-2]):
             fresh[:capacity] = old
-        new[-2][:, :, :capacity] = self.state[-2]
+        new[-2][:capacity] = self.state[-2]
         new[-1][:] = self.state[-1]
         self.state = new
 
@@ -106,7 +106,7 @@ class WindowedAggregate:
         if n < 0:
             raise AssertionError(f"window kernel failed with code {n}")
         out_key, out_win, out_cnt, out_stats = out
-        rows = [(int(out_win[i]) * self.hop_ms, self._keys[out_key[i]], int(out_cnt[i]), out_stats[:, :, i])
+        rows = [(int(out_win[i]) * self.hop_ms, self._keys[out_key[i]], int(out_cnt[i]), out_stats[i])
                 for i in range(n)]
         rows.sort(key=lambda r: (r[0], b"" if r[1] is None else b"\x01" + r[1]))
         if len(self._keys) > KEYS_COMPACT_AT:
@@ -122,7 +122,7 @@ class WindowedAggregate:
         new = wk.new_state(max(INITIAL_KEYS, 2 * live.size), self.slots, self.fields)
         for old, fresh in zip(self.state[:-2], new[:-2]):
             fresh[:live.size] = old[live]
-        new[-2][:, :, :live.size] = self.state[-2][:, :, live]
+        new[-2][:live.size] = self.state[-2][live]
         new[-1][:] = self.state[-1]
         keys = [self._keys[i] for i in live.tolist()]
         self._ids = {h: new_id for new_id, h in enumerate(self._hash(k) for k in keys)}

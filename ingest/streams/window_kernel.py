@@ -52,9 +52,9 @@ def _emit(k, s, win, cnt, stats, out_key, out_win, out_cnt, out_stats, n_out):
     out_key[n_out] = k
     out_win[n_out] = win[k, s]
     out_cnt[n_out] = cnt[k, s]
-    for f in range(stats.shape[0]):
+    for f in range(stats.shape[2]):
         for j in range(STATS):
-            out_stats[f, j, n_out] = stats[f, j, k, s]
+            out_stats[n_out, f, j] = stats[k, s, f, j]
     win[k, s] = EMPTY
     return n_out + 1
 
@@ -69,11 +69,11 @@ def _add(k, s, n, t, offset, row, values, win, first_off, cnt, first_ts, last_ts
         last_ts[k, s] = t
         for f in range(values.shape[0]):
             v = values[f, row]
-            stats[f, STAT_MIN, k, s] = v
-            stats[f, STAT_MAX, k, s] = v
-            stats[f, STAT_SUM, k, s] = 0.0
-            stats[f, STAT_FIRST, k, s] = v
-            stats[f, STAT_LAST, k, s] = v
+            stats[k, s, f, STAT_MIN] = v
+            stats[k, s, f, STAT_MAX] = v
+            stats[k, s, f, STAT_SUM] = 0.0
+            stats[k, s, f, STAT_FIRST] = v
+            stats[k, s, f, STAT_LAST] = v
     cnt[k, s] += 1
     take_first = t < first_ts[k, s]
     take_last = t >= last_ts[k, s]
@@ -83,15 +83,15 @@ def _add(k, s, n, t, offset, row, values, win, first_off, cnt, first_ts, last_ts
         last_ts[k, s] = t
     for f in range(values.shape[0]):
         v = values[f, row]
-        if v < stats[f, STAT_MIN, k, s]:
-            stats[f, STAT_MIN, k, s] = v
-        if v > stats[f, STAT_MAX, k, s]:
-            stats[f, STAT_MAX, k, s] = v
-        stats[f, STAT_SUM, k, s] += v
+        if v < stats[k, s, f, STAT_MIN]:
+            stats[k, s, f, STAT_MIN] = v
+        if v > stats[k, s, f, STAT_MAX]:
+            stats[k, s, f, STAT_MAX] = v
+        stats[k, s, f, STAT_SUM] += v
         if take_first:
-            stats[f, STAT_FIRST, k, s] = v
+            stats[k, s, f, STAT_FIRST] = v
         if take_last:
-            stats[f, STAT_LAST, k, s] = v
+            stats[k, s, f, STAT_LAST] = v
 
 
 @njit(cache=True)
@@ -250,9 +250,9 @@ def new_state(keys: int, slots: int, fields: int) -> tuple:
     scalars = np.array([-1, NO_CLOSE, 0], dtype=np.int64)
     return (np.full((keys, slots), EMPTY, np.int64), np.zeros((keys, slots), np.int64),
             np.zeros((keys, slots), np.int64), np.zeros((keys, slots), np.int64),
-            np.zeros((keys, slots), np.int64), np.zeros((fields, STATS, keys, slots)), scalars)
+            np.zeros((keys, slots), np.int64), np.zeros((keys, slots, fields, STATS)), scalars)
 
 
 def new_output(capacity: int, fields: int) -> tuple:
     return (np.empty(capacity, np.int64), np.empty(capacity, np.int64), np.empty(capacity, np.int64),
-            np.empty((fields, STATS, capacity)))
+            np.empty((capacity, fields, STATS)))
