@@ -195,6 +195,18 @@ def corrupt_batch() -> bytes:
     return bytes(batch)
 
 
+# A processor over the traffic's topic, so the dashboard's processor panels have series.
+PROCESSOR = f"""
+[[processor]]
+name = "deploy-windows"
+kind = "aggregate"
+source = "{TOPIC}"
+sink = "{TOPIC}-windows"
+fields = ["temp_c"]
+window_ms = 1000
+"""
+
+
 def prepare(app: Appliance) -> None:
     """A topic, one duplicate of an idempotent batch and a consumer group's commit."""
     reply = app.request(app.bootstrap, wire.CreateTopicRequest(topic=TOPIC, partitions=2))
@@ -227,7 +239,7 @@ def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("deploy")
     kafka = Tansu(base / "tansu").start()
     kafka.create_topic(TOPIC, 2)
-    app = Appliance(base / "data", workers=2, config_text=FAST_HEARTBEATS + uplink_config(kafka))
+    app = Appliance(base / "data", workers=2, config_text=FAST_HEARTBEATS + uplink_config(kafka) + PROCESSOR)
     prometheus = Prometheus(base / "prometheus", f"127.0.0.1:{app.metrics_port}").start()
     traffic = Traffic(app)
     try:
