@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -34,6 +35,24 @@ kind = "aggregate"
 source = "telemetry"
 sink = "temp-windows"
 fields = ["temp_c"]
+window_ms = {WINDOW_MS}
+advance_ms = {HOP_MS}
+grace_ms = {GRACE_MS}
+aggregations = ["count", "min", "max", "sum", "mean", "first", "last"]
+
+[[topic]]
+name = "readings-bin"
+partitions = {PARTITIONS}
+
+[[processor]]
+name = "bin-windows"
+kind = "aggregate"
+source = "readings-bin"
+sink = "bin-windows"
+format = "binary"
+fields = ["temp_c"]
+layout = {{ temp_c = "f32@2" }}
+byte_order = "big"
 window_ms = {WINDOW_MS}
 advance_ms = {HOP_MS}
 grace_ms = {GRACE_MS}
@@ -71,11 +90,16 @@ def value_of(temp_c: float, fw: int = 7) -> bytes:
     return orjson.dumps({"temp_c": temp_c, "meta": {"fw": fw}, "pad": "x" * 40})
 
 
-def push(app: Appliance, rows, topic: str = "telemetry") -> None:
+def binary_value_of(temp_c: float) -> bytes:
+    """A fixed layout: 2 bytes of flags, temp_c as a big-endian float32, padding."""
+    return b"\x00\x01" + struct.pack(">f", temp_c) + bytes(10)
+
+
+def push(app: Appliance, rows, topic: str = "telemetry", encode=value_of) -> None:
     sock = zmq.Context.instance().socket(zmq.PUSH)
     sock.connect(app.worker_endpoints(0)[0])
     for key, t, temp in rows:
-        sock.send(wire.RecordMessage(topic=topic, key=key, value=value_of(temp), timestamp_ms=t).encode())
+        sock.send(wire.RecordMessage(topic=topic, key=key, value=encode(temp), timestamp_ms=t).encode())
     sock.close(linger=10_000)
 
 
@@ -90,9 +114,13 @@ def read_with_sdk(app: Appliance, topic: str, partition: int, expected: int, tim
     return out
 
 
+def temp_of(value: bytes) -> float:
+    return struct.unpack(">f", value[2:6])[0] if value[:2] == b"\x00\x01" else orjson.loads(value)["temp_c"]
+
+
 def expected_windows(source_records) -> tuple[list[tuple], int]:
     """Closed windows of one partition in emission order (start, key) and late records."""
-    rows = [(r.key, r.timestamp_ms, orjson.loads(r.value)["temp_c"]) for r in source_records]
+    rows = [(r.key, r.timestamp_ms, temp_of(r.value)) for r in source_records]
     closed, late, _ = brute_force(rows, WINDOW_MS, HOP_MS, GRACE_MS)
     return sorted((start, key, summary) for (start, key), summary in closed.items()), late
 
@@ -105,13 +133,13 @@ def as_window(record) -> tuple:
     return doc["window_start_ms"], record.key, (doc["count"], t["min"], t["max"], t["sum"], t["first"], t["last"])
 
 
-def assert_windows_match(app: Appliance) -> int:
+def assert_windows_match(app: Appliance, source: str = "telemetry", sink: str = "temp-windows") -> int:
     """Sink windows of every partition == brute force over that source partition, in order."""
     late_total = 0
     for p in range(PARTITIONS):
-        want, late = expected_windows(fetch_all(app, "telemetry", p))
+        want, late = expected_windows(fetch_all(app, source, p))
         late_total += late
-        got = [as_window(r) for r in read_with_sdk(app, "temp-windows", p, len(want))]
+        got = [as_window(r) for r in read_with_sdk(app, sink, p, len(want))]
         assert len(got) == len(want)
         for (gs, gk, gv), (ws, wk, wv) in zip(got, want):
             assert (gs, gk) == (ws, wk)
@@ -141,6 +169,10 @@ def test_aggregate_filter_and_extract_of_pushed_json_equal_brute_force(app):
     assert eventually(lambda: sum(len(fetch_all(app, "telemetry", p)) for p in range(PARTITIONS)) == len(rows), 30)
     late = assert_windows_match(app)
     assert late > 0  # the input has readings beyond the grace period
+    # The same readings as fixed-layout binary values (big-endian float32 at byte 2).
+    push(app, rows, "readings-bin", binary_value_of)
+    assert eventually(lambda: sum(len(fetch_all(app, "readings-bin", p)) for p in range(PARTITIONS)) == len(rows), 30)
+    assert assert_windows_match(app, "readings-bin", "bin-windows") == late
     for p in range(PARTITIONS):
         source = fetch_all(app, "telemetry", p)
         hot = [r for r in source if 80 < orjson.loads(r.value)["temp_c"] <= 95]

@@ -6,6 +6,9 @@ ids, grows the state arrays, and turns closed windows into output rows sorted by
 every window closed in a chunk closes at a stream time past those of earlier chunks, and
 windows with the same start close together. A replay after a crash therefore writes the
 very same sequence of records.
+
+Keys are told apart by their 64-bit FNV-1a hash: two keys with the same hash (odds about
+n^2 / 2^65 for n keys: 3e-8 at a million) would share windows, under the first one's key.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ class WindowedAggregate:
         self.fields = len(config.fields)
         self.slots = wk.slots_per_key(self.window_ms, self.hop_ms, self.grace_ms)
         self.windows_per_record = -(-self.window_ms // self.hop_ms)
-        self._ids: dict[int, int] = {}  # key hash -> dense id
-        self._keys: list[bytes | None] = []  # dense id -> key
+        # Keys by dense id, their hashes, and the kernel's hash table from hash to id.
+        self._keys: list[bytes | None] = []
+        self._key_hashes: list[int] = []
+        self._table_hashes = np.zeros(2 * INITIAL_KEYS, np.int64)
+        self._table_ids = np.full(2 * INITIAL_KEYS, -1, np.int64)
         self.state = wk.new_state(INITIAL_KEYS, self.slots, self.fields)
-        self.key_collisions = 0
 
     # ---- state -------------------------------------------------------------------------
 
@@ -65,22 +70,38 @@ class WindowedAggregate:
     # ---- keys --------------------------------------------------------------------------
 
     def key_ids(self, buffer: np.ndarray, key_offsets: np.ndarray, key_lengths: np.ndarray) -> np.ndarray:
+        """Dense ids of the rows' keys (64-bit FNV-1a hashes through a kernel's hash table);
+        Python sees only keys new to this partition."""
         hashes = np.empty(key_offsets.size, np.int64)
         wk.fnv1a64(buffer, key_offsets, key_lengths, hashes)
-        unique, first_rows, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        local_to_id = np.empty(unique.size, np.int64)
-        for j, (h, row) in enumerate(zip(unique.tolist(), first_rows.tolist())):
-            kid = self._ids.get(h)
+        self._reserve(len(self._keys) + hashes.size)
+        ids = np.empty(hashes.size, np.int64)
+        new_rows = np.empty(hashes.size, np.int64)
+        n_new = wk.assign_key_ids(hashes, self._table_hashes, self._table_ids, len(self._keys), ids, new_rows)
+        for row in new_rows[:n_new].tolist():
             length = int(key_lengths[row])
-            key = None if length < 0 else bytes(buffer[key_offsets[row]:key_offsets[row] + length])
-            if kid is None:
-                kid = self._ids[h] = len(self._keys)
-                self._keys.append(key)
-            elif self._keys[kid] != key:
-                self.key_collisions += 1  # 64-bit hash collision: the two keys share windows
-            local_to_id[j] = kid
+            at = int(key_offsets[row])
+            self._keys.append(None if length < 0 else bytes(buffer[at:at + length]))
+            self._key_hashes.append(int(hashes[row]))
         self._grow(len(self._keys))
-        return local_to_id[inverse]
+        return ids
+
+    def _reserve(self, keys: int) -> None:
+        """Keep the hash table at most half full for `keys` keys."""
+        if 2 * keys <= self._table_ids.size:
+            return
+        capacity = self._table_ids.size
+        while 2 * keys > capacity:
+            capacity *= 2
+        self._rebuild_table(capacity)
+
+    def _rebuild_table(self, capacity: int) -> None:
+        self._table_hashes = np.zeros(capacity, np.int64)
+        self._table_ids = np.full(capacity, -1, np.int64)
+        hashes = np.array(self._key_hashes, np.int64)
+        scratch = np.empty(hashes.size, np.int64)
+        n = wk.assign_key_ids(hashes, self._table_hashes, self._table_ids, 0, scratch, np.empty(hashes.size, np.int64))
+        assert n == hashes.size, (n, hashes.size)
 
     def _grow(self, keys: int) -> None:
         capacity = self.state[0].shape[0]
@@ -98,7 +119,7 @@ class WindowedAggregate:
     def add(self, key_ids: np.ndarray, timestamps_ms: np.ndarray, offsets: np.ndarray,
             values: np.ndarray, live: bool) -> list[tuple]:
         """Aggregate rows (offset order); returns closed windows as
-        (window_start_ms, key, count, stats (fields, 5)) sorted by (start, key)."""
+        (window_start_ms, key, count, stats: per field a list of 5 floats) sorted by (start, key)."""
         capacity = key_ids.size * self.windows_per_record + self.state[0].size + 1
         out = wk.new_output(capacity, self.fields)
         n = wk.aggregate(key_ids, timestamps_ms, offsets, np.ascontiguousarray(values), self.window_ms,
@@ -106,8 +127,9 @@ class WindowedAggregate:
         if n < 0:
             raise AssertionError(f"window kernel failed with code {n}")
         out_key, out_win, out_cnt, out_stats = out
-        rows = [(int(out_win[i]) * self.hop_ms, self._keys[out_key[i]], int(out_cnt[i]), out_stats[i])
-                for i in range(n)]
+        keys = self._keys
+        rows = [(win * self.hop_ms, keys[k], count, stats) for win, k, count, stats in
+                zip(out_win[:n].tolist(), out_key[:n].tolist(), out_cnt[:n].tolist(), out_stats[:n].tolist())]
         rows.sort(key=lambda r: (r[0], b"" if r[1] is None else b"\x01" + r[1]))
         if len(self._keys) > KEYS_COMPACT_AT:
             self._compact()
@@ -124,16 +146,7 @@ class WindowedAggregate:
             fresh[:live.size] = old[live]
         new[-2][:live.size] = self.state[-2][live]
         new[-1][:] = self.state[-1]
-        keys = [self._keys[i] for i in live.tolist()]
-        self._ids = {h: new_id for new_id, h in enumerate(self._hash(k) for k in keys)}
-        self._keys = keys
+        self._keys = [self._keys[i] for i in live.tolist()]
+        self._key_hashes = [self._key_hashes[i] for i in live.tolist()]
+        self._rebuild_table(self._table_ids.size)
         self.state = new
-
-    @staticmethod
-    def _hash(key: bytes | None) -> int:
-        if key is None:
-            return 0
-        buf = np.frombuffer(key, np.uint8) if key else np.zeros(0, np.uint8)
-        out = np.empty(1, np.int64)
-        wk.fnv1a64(buf, np.zeros(1, np.int64), np.array([len(key)], np.int64), out)
-        return int(out[0])

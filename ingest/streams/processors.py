@@ -195,14 +195,14 @@ class Aggregate(Processor):
         closed = self.windows.add(ids, batch.timestamps_ms, batch.offsets, values, live)
         return from_outputs([self._output(*row) for row in closed])
 
-    def _output(self, start_ms: int, key: bytes | None, count: int, stats: np.ndarray) -> Output:
+    def _output(self, start_ms: int, key: bytes | None, count: int, stats: list[list[float]]) -> Output:
         doc = {"window_start_ms": start_ms, "window_end_ms": start_ms + self.config.window_ms}
         if self.count:
             doc["count"] = count
-        for f, name in enumerate(self.config.fields):
-            field = {agg: float(stats[f, i]) for agg, i in self.stats}
+        for name, field_stats in zip(self.config.fields, stats):
+            field = {agg: field_stats[i] for agg, i in self.stats}
             if self.mean:
-                field["mean"] = float(stats[f, 2]) / count
+                field["mean"] = field_stats[2] / count
             doc[name] = field
         return Output(key, orjson.dumps(doc), start_ms)
 

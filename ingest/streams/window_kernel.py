@@ -45,7 +45,7 @@ def slots_per_key(window_ms: int, hop_ms: int, grace_ms: int) -> int:
     return (grace_ms + window_ms) // hop_ms + 2
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _emit(k, s, win, cnt, stats, out_key, out_win, out_cnt, out_stats, n_out):
     if n_out >= out_key.size:
         return ERR_OUT_FULL
@@ -59,7 +59,7 @@ def _emit(k, s, win, cnt, stats, out_key, out_win, out_cnt, out_stats, n_out):
     return n_out + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _add(k, s, n, t, offset, row, values, win, first_off, cnt, first_ts, last_ts, stats):
     if win[k, s] != n:
         win[k, s] = n
@@ -160,33 +160,6 @@ def close_windows(window_ms, hop_ms, grace_ms, win, cnt, stats, scalars,
 
 
 @njit(cache=True)
-def gather_binary_field(buf, value_offsets, value_lengths, field_offset, width, is_float,
-                        is_signed, big_endian, out, valid):
-    """One numeric field of fixed-layout binary values into out (float64); a value too
-    short for the field clears valid[row]."""
-    for row in range(value_offsets.size):
-        if value_lengths[row] < field_offset + width:
-            valid[row] = False
-            out[row] = np.nan
-            continue
-        p = value_offsets[row] + field_offset
-        raw = np.uint64(0)
-        for i in range(width):
-            byte = np.uint64(buf[p + (i if big_endian else width - 1 - i)])
-            raw = (raw << np.uint64(8)) | byte
-        if is_float:
-            if width == 4:
-                out[row] = np.float64(np.array([np.uint32(raw)]).view(np.float32)[0])
-            else:
-                out[row] = np.array([raw]).view(np.float64)[0]
-        elif is_signed:
-            shift = np.uint64(64 - 8 * width)
-            out[row] = np.float64(np.int64(raw << shift) >> np.int64(shift))
-        else:
-            out[row] = np.float64(raw)
-
-
-@njit(cache=True)
 def match_all(values, operators, thresholds, valid):
     """Rows where every condition (field f OP threshold f) holds; a NaN never matches."""
     n = values.shape[1]
@@ -226,6 +199,32 @@ def fnv1a64(buf, offsets, lengths, out):
         out[row] = np.int64(h) if h != 0 else 1
 
 
+@njit(cache=True)
+def assign_key_ids(hashes, table_hashes, table_ids, next_id, out_ids, new_rows):
+    """Dense ids of key hashes through an open-addressing table (capacity a power of two,
+    at most half full: the caller grows it first). Unseen hashes get next_id, next_id + 1,
+    ...; their first rows go to new_rows. Returns how many new ids were assigned."""
+    mask = table_ids.size - 1
+    n_new = 0
+    for row in range(hashes.size):
+        h = hashes[row]
+        i = (h ^ (h >> 29)) & mask
+        while True:
+            kid = table_ids[i]
+            if kid < 0:
+                kid = next_id + n_new
+                table_ids[i] = kid
+                table_hashes[i] = h
+                new_rows[n_new] = row
+                n_new += 1
+                break
+            if table_hashes[i] == h:
+                break
+            i = (i + 1) & mask
+        out_ids[row] = kid
+    return n_new
+
+
 def warm_up() -> None:
     """Compile (or load from cache) every kernel here with the types the runtime uses."""
     n, fields, keys = 4, 1, 2
@@ -238,11 +237,11 @@ def warm_up() -> None:
               np.ones((fields, n)), 10, 10, 0, False, *state, *out)
     buf = np.zeros(16, np.uint8)
     offs, lens = np.zeros(2, np.int64), np.full(2, 8, np.int64)
-    col, valid = np.empty(2), np.ones(2, np.bool_)
-    for width, is_float in ((1, False), (2, False), (4, False), (8, False), (4, True), (8, True)):
-        gather_binary_field(buf, offs, lens, 0, width, is_float, True, False, col, valid)
+    valid = np.ones(2, np.bool_)
     match_all(np.ones((1, 2)), np.zeros(1, np.int64), np.zeros(1), valid)
     fnv1a64(buf, offs, lens, np.empty(2, np.int64))
+    assign_key_ids(np.zeros(2, np.int64), np.zeros(4, np.int64), np.full(4, -1, np.int64), 0,
+                   np.empty(2, np.int64), np.empty(2, np.int64))
 
 
 def new_state(keys: int, slots: int, fields: int) -> tuple:
