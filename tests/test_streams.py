@@ -316,6 +316,13 @@ source = "telemetry"
 sink = "new-hot"
 start = "latest"
 where = "temp_c > 80"
+
+[[processor]]
+name = "never"
+kind = "filter"
+source = "telemetry"
+sink = "never"
+where = "temp_c > 1000"
 """
         app.start()
         push(app, [(b"dev-1", BASE_MS + 100 + i, 91.0) for i in range(5)])
@@ -323,5 +330,14 @@ where = "temp_c > 80"
         assert eventually(lambda: total("all-hot") == 55 and total("new-hot") == 5, 30)
         time.sleep(1)
         assert (total("all-hot"), total("new-hot")) == (55, 5)
+        # A processor without output keeps its position too (checkpoint file): restarted,
+        # it reads no source record again.
+        never = {"processor": "never"}
+        assert eventually(lambda: metric_value(app.metrics_text(), "ingest_processor_position", **never) == 55, 10)
+        app.stop()
+        app.start()
+        assert eventually(lambda: metric_value(app.metrics_text(), "ingest_processor_position", **never) == 55, 10)
+        assert metric_value(app.metrics_text(), "ingest_processor_records_total", **never) == 0
+        assert total("never") == 0
     finally:
         app.kill()

@@ -88,3 +88,28 @@ def test_outputs_of_a_chunk_cut_by_a_crash_are_completed_once(tmp_path):
     run(resumed)
     strip = lambda rows: [(r.key, r.value, r.timestamp_ms) for r in rows]  # noqa: E731
     assert strip(sink_records(crashed)) == strip(reference)
+
+
+def test_a_checkpoint_file_is_used_only_where_the_sink_agrees_with_it(tmp_path):
+    from ingest.streams import checkpoint
+    from ingest.streams.position import Position
+    from ingest.streams.runtime import find_position
+
+    config = ProcessorConfig("f", "filter", "src", "out", where="temp_c > 50")
+    source = Partition(tmp_path, "src", 0, LogConfig(), now_ms())
+    fill_source(source, 4000)
+    sink = Partition(tmp_path, "out", 0, LogConfig(), now_ms())
+    run(ProcessorTask(config, source, sink, Appender()))
+    end = sink.log.log_end_offset
+    in_sink, orphans = find_position(sink.log, "f")
+    assert in_sink.next_offset == 4000 and orphans == 0
+    # Saved after the sink's newest position, the sink unchanged since: the file wins.
+    later = Position("f", 4100, 4100)
+    checkpoint.save(sink.directory, later, end)
+    assert find_position(sink.log, "f", checkpoint.load(sink.directory, "f")) == (later, 0)
+    # Saved before the sink's newest positioned batch: the sink knows better.
+    checkpoint.save(sink.directory, Position("f", 4100, 4100), end - 1)
+    assert find_position(sink.log, "f", checkpoint.load(sink.directory, "f")) == (in_sink, 0)
+    # Claims records the sink does not hold (a power cut took its tail): ignored.
+    checkpoint.save(sink.directory, Position("f", 4100, 4100), end + 5)
+    assert find_position(sink.log, "f", checkpoint.load(sink.directory, "f")) == (in_sink, 0)

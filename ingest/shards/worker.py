@@ -461,6 +461,7 @@ class Worker:
         self.requests.release_durable_acks()
         self.requests.fail_waiting(ErrorCode.SHUTTING_DOWN)
         self.uplinks.close()
+        self.streams.close()
         for part in self.partitions.values():
             try:
                 part.close()

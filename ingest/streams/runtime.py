@@ -35,7 +35,7 @@ from ingest.net.errors import ErrorCode, IngestError
 from ingest.shards import batch as batch_codec
 from ingest.shards.batch import UnsupportedCompressionError, encode_headers
 from ingest.streams import position as position_mod
-from ingest.streams import processors, window_kernel
+from ingest.streams import checkpoint, processors, window_kernel
 from ingest.streams.api import Batch
 from ingest.streams.position import Position
 from ingest.streams.spec import ProcessorConfig
@@ -54,8 +54,21 @@ POSITION_SCAN_BATCHES_MAX = 100_000
 RETRY_AFTER_MS = 1000
 
 
-def find_position(sink_log, processor: str) -> tuple[Position | None, int]:
-    """(newest position of `processor` in the sink, sink records after its batch)."""
+def find_position(sink_log, processor: str, saved: tuple[Position, int] | None = None) -> tuple[Position | None, int]:
+    """(newest position of `processor`, sink records written after it): from the sink's
+    newest positioned batch, or from `saved` (checkpoint.load) when that is newer."""
+    found, batch_end = _sink_position(sink_log, processor)
+    end = sink_log.log_end_offset
+    if saved is not None:
+        position, sink_end = saved
+        newer = found is None or position.next_offset >= found.next_offset
+        if batch_end <= sink_end <= end and newer:
+            return position, end - sink_end
+    return found, end - batch_end if found is not None else 0
+
+
+def _sink_position(sink_log, processor: str) -> tuple[Position | None, int]:
+    """(newest position in the sink's batches, offset just past the batch carrying it)."""
     end = sink_log.log_end_offset
     offset = end - 1
     for _ in range(POSITION_SCAN_BATCHES_MAX):
@@ -65,7 +78,7 @@ def find_position(sink_log, processor: str) -> tuple[Position | None, int]:
         header, records = batch_codec.decode_batch(chunk, 0)
         found = position_mod.decode(records[-1].headers) if records else None
         if found is not None and found.processor == processor:
-            return found, end - (header.last_offset + 1)
+            return found, header.last_offset + 1
         offset = header.base_offset - 1
     return None, 0
 
@@ -101,6 +114,8 @@ class ProcessorTask:
         self.skip_outputs = 0
         self.error: str | None = None
         self.retry_at_ms = 0
+        self.checkpoint_at_ms = 0
+        self.written_position = -1  # next_offset of the last position stored anywhere
         self.records_total = 0
         self.output_records_total = 0
         self.late_base = 0
@@ -110,7 +125,8 @@ class ProcessorTask:
 
     def open(self) -> None:
         self.processor = processors.build(self.config)
-        found, orphans = find_position(self.sink.log, self.config.name)
+        found, orphans = find_position(self.sink.log, self.config.name,
+                                       checkpoint.load(self.sink.directory, self.config.name))
         if found is None:
             log_ = self.source.log
             self.position = log_.log_start_offset if self.config.start == "earliest" else log_.flushed_offset
@@ -160,6 +176,7 @@ class ProcessorTask:
                 self.position = next_offset
                 done += CHUNK_BYTES if batch is None else max(1, int(batch.value_lengths.clip(0).sum()))
                 assert self.position > before, (before, self.position)
+            self._maybe_checkpoint()
         except IngestError as e:  # the sink refused the append: rebuild from what is on disk
             log.error("processor %s on partition %d: sink append failed (%s); retrying in %d ms",
                       self.config.name, self.source.index, e, RETRY_AFTER_MS)
@@ -169,6 +186,23 @@ class ProcessorTask:
             self.error = str(e)
             log.error("processor %s on partition %d stopped at offset %d: %s",
                       self.config.name, self.source.index, self.position, e)
+
+    def _maybe_checkpoint(self) -> None:
+        """Save the position reached without output, at most every CHECKPOINT_INTERVAL_MS,
+        once the sink is durable up to its end (the file promises what the sink holds)."""
+        t = mono_ms()
+        sink_log = self.sink.log
+        if (self.position == self.written_position or self.skip_outputs or t < self.checkpoint_at_ms
+                or sink_log.flushed_offset < sink_log.log_end_offset):
+            return
+        self.checkpoint_at_ms = t + checkpoint.CHECKPOINT_INTERVAL_MS
+        position = Position(self.config.name, self.position, self.processor.replay_offset(self.position),
+                            self.processor.stream_time_ms())
+        try:
+            checkpoint.save(self.sink.directory, position, sink_log.log_end_offset)
+            self.written_position = self.position
+        except OSError as e:  # a shortcut only: the sink's own positions stay right
+            log.warning("processor %s: checkpoint not saved: %s", self.config.name, e)
 
     def _reset(self) -> None:
         if self.processor is not None:
@@ -226,6 +260,7 @@ class ProcessorTask:
         for lo, hi in zip(bounds, bounds[1:]):
             self._append(emitted.rows(lo, hi), position if hi == len(emitted) else None)
         self.output_records_total += len(emitted)
+        self.written_position = next_offset
 
     def _append(self, rows: processors.Emitted, position: Position | None) -> None:
         n = len(rows)
@@ -320,6 +355,14 @@ class StreamsRuntime:
                 self.due.discard(task)
             elif task.error is not None:
                 self.due.discard(task)
+
+    def close(self) -> None:
+        """On a drain, once every log is flushed: save each task's position, so a clean
+        restart re-reads nothing."""
+        for task in self.tasks.values():
+            if task.processor is not None and task.error is None:
+                task.checkpoint_at_ms = 0
+                task._maybe_checkpoint()
 
     def wait_ms(self, idle_ms: int) -> int:
         """0 while a task has work (or waits for a retry soon), else idle_ms."""
