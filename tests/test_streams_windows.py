@@ -106,3 +106,37 @@ def test_replay_from_the_oldest_open_window_rebuilds_the_same_state(records, win
         emitted_tail += out
     as_rows = lambda rows: [(s, k, c, st) for s, k, c, st in rows]  # noqa: E731
     assert as_rows(emitted_head) + as_rows(emitted_tail) == as_rows(emitted_full)
+
+
+def test_binary_window_records_carry_the_same_numbers_as_json_ones():
+    import orjson
+
+    from ingest.shards.batch import Record
+    from ingest.streams.processors import Aggregate
+    from ingest.streams.runtime import _batch_from_records
+
+    rows = [Record(i, 1000 + 37 * i - (i % 7) * 90, b"k%d" % (i % 5) if i % 11 else None,
+                   orjson.dumps({"t": (i * 7919) % 101 - 50.5, "h": i % 13})) for i in range(800)]
+    batch = _batch_from_records(rows)
+    outputs = {}
+    for fmt in ("json", "binary"):
+        config = ProcessorConfig("t", "aggregate", "a", "b", fields=("t", "h"), window_ms=500, advance_ms=250,
+                                 grace_ms=100, output_format=fmt,
+                                 aggregations=("count", "min", "max", "sum", "mean", "first", "last"))
+        emitted = Aggregate(config).process(batch, live=True)
+        buf = emitted.values_buf if isinstance(emitted.values_buf, bytes) else emitted.values_buf.tobytes()
+        keys_buf = bytes(emitted.keys_buf)
+        out = []
+        for i in range(len(emitted)):
+            at, n = int(emitted.value_offsets[i]), int(emitted.value_lengths[i])
+            ko, kn = int(emitted.key_offsets[i]), int(emitted.key_lengths[i])
+            out.append((None if kn < 0 else keys_buf[ko:ko + kn], int(emitted.timestamps_ms[i]), buf[at:at + n]))
+        outputs[fmt] = out
+    assert len(outputs["json"]) == len(outputs["binary"]) > 10
+    for (jk, jt, jv), (bk, bt, bv) in zip(outputs["json"], outputs["binary"]):
+        doc = orjson.loads(jv)
+        numbers = np.frombuffer(bv[16:], "<f8").tolist()
+        start, count = np.frombuffer(bv[:16], "<i8").tolist()
+        assert (jk, jt, start, count) == (bk, bt, doc["window_start_ms"], doc["count"])
+        want = [doc[f][a] for f in ("t", "h") for a in ("min", "max", "sum", "mean", "first", "last")]
+        assert numbers == want

@@ -43,6 +43,8 @@ class WindowedAggregate:
         self._table_hashes = np.zeros(2 * INITIAL_KEYS, np.int64)
         self._table_ids = np.full(2 * INITIAL_KEYS, -1, np.int64)
         self.state = wk.new_state(INITIAL_KEYS, self.slots, self.fields)
+        self._ranks = np.zeros(0, np.int64)
+        self._key_columns: tuple | None = None
 
     # ---- state -------------------------------------------------------------------------
 
@@ -72,6 +74,8 @@ class WindowedAggregate:
     def key_ids(self, buffer: np.ndarray, key_offsets: np.ndarray, key_lengths: np.ndarray) -> np.ndarray:
         """Dense ids of the rows' keys (64-bit FNV-1a hashes through a kernel's hash table);
         Python sees only keys new to this partition."""
+        if len(self._keys) > KEYS_COMPACT_AT:  # here, before ids are handed out: ids stay valid
+            self._compact()                      # until the next call
         hashes = np.empty(key_offsets.size, np.int64)
         wk.fnv1a64(buffer, key_offsets, key_lengths, hashes)
         self._reserve(len(self._keys) + hashes.size)
@@ -120,20 +124,41 @@ class WindowedAggregate:
             values: np.ndarray, live: bool) -> list[tuple]:
         """Aggregate rows (offset order); returns closed windows as
         (window_start_ms, key, count, stats: per field a list of 5 floats) sorted by (start, key)."""
+        starts, ids, counts, stats = self.add_arrays(key_ids, timestamps_ms, offsets, values, live)
+        keys = self._keys
+        return [(start, keys[k], count, st) for start, k, count, st in
+                zip(starts.tolist(), ids.tolist(), counts.tolist(), stats.tolist())]
+
+    def add_arrays(self, key_ids: np.ndarray, timestamps_ms: np.ndarray, offsets: np.ndarray,
+                   values: np.ndarray, live: bool) -> tuple[np.ndarray, ...]:
+        """As add(), as arrays: (window starts, key ids, counts, stats (windows, fields, 5)),
+        sorted by (start, key bytes) without a Python loop over the windows."""
         capacity = key_ids.size * self.windows_per_record + self.state[0].size + 1
         out = wk.new_output(capacity, self.fields)
         n = wk.aggregate(key_ids, timestamps_ms, offsets, np.ascontiguousarray(values), self.window_ms,
                          self.hop_ms, self.grace_ms, live, *self.state, *out)
         if n < 0:
             raise AssertionError(f"window kernel failed with code {n}")
-        out_key, out_win, out_cnt, out_stats = out
-        keys = self._keys
-        rows = [(win * self.hop_ms, keys[k], count, stats) for win, k, count, stats in
-                zip(out_win[:n].tolist(), out_key[:n].tolist(), out_cnt[:n].tolist(), out_stats[:n].tolist())]
-        rows.sort(key=lambda r: (r[0], b"" if r[1] is None else b"\x01" + r[1]))
-        if len(self._keys) > KEYS_COMPACT_AT:
-            self._compact()
-        return rows
+        out_key, out_win, out_cnt, out_stats = (a[:n] for a in out)
+        order = np.lexsort((self.key_ranks()[out_key], out_win))
+        return out_win[order] * self.hop_ms, out_key[order], out_cnt[order], out_stats[order]
+
+    def key_ranks(self) -> np.ndarray:
+        """Rank of each key id in key-bytes order (a null key first); recomputed only when
+        keys were added or renumbered."""
+        if self._ranks.size != len(self._keys):
+            order = sorted(range(len(self._keys)), key=lambda i: b"" if self._keys[i] is None else b"\x01" + self._keys[i])
+            self._ranks = np.empty(len(self._keys), np.int64)
+            self._ranks[order] = np.arange(len(self._keys))
+        return self._ranks
+
+    def key_columns(self) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """(buffer, offsets, lengths) of every key by id (length -1: null), for outputs."""
+        if self._key_columns is None or self._key_columns[1].size != len(self._keys):
+            lengths = np.array([-1 if k is None else len(k) for k in self._keys], np.int64)
+            sizes = np.maximum(lengths, 0)
+            self._key_columns = (b"".join(k for k in self._keys if k), np.cumsum(sizes) - sizes, lengths)
+        return self._key_columns
 
     def _compact(self) -> None:
         """Forget keys without an open window (ids are renumbered; windows kept)."""
@@ -149,4 +174,6 @@ class WindowedAggregate:
         self._keys = [self._keys[i] for i in live.tolist()]
         self._key_hashes = [self._key_hashes[i] for i in live.tolist()]
         self._rebuild_table(self._table_ids.size)
+        self._ranks = np.zeros(0, np.int64)
+        self._key_columns = None
         self.state = new

@@ -17,6 +17,8 @@ instead of a worker that silently processes nothing.
     advance_ms = 60000           # < window_ms: hopping windows; default: tumbling
     grace_ms = 5000              # how long after a window's end late records still count
     aggregations = ["count", "min", "max", "mean", "last"]
+    output_format = "json"       # or "binary": little-endian int64 window_start_ms, int64 count,
+                                 # then per field one float64 per aggregation (count excepted)
 
     # binary values: one numeric field per entry, "type@byte_offset"
     layout = { temp_c = "f32@0", humidity = "f32@4" }

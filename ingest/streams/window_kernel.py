@@ -45,7 +45,7 @@ def slots_per_key(window_ms: int, hop_ms: int, grace_ms: int) -> int:
     return (grace_ms + window_ms) // hop_ms + 2
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _emit(k, s, win, cnt, stats, out_key, out_win, out_cnt, out_stats, n_out):
     if n_out >= out_key.size:
         return ERR_OUT_FULL
@@ -59,7 +59,7 @@ def _emit(k, s, win, cnt, stats, out_key, out_win, out_cnt, out_stats, n_out):
     return n_out + 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _add(k, s, n, t, offset, row, values, win, first_off, cnt, first_ts, last_ts, stats):
     if win[k, s] != n:
         win[k, s] = n
