@@ -27,7 +27,7 @@ import orjson
 from ingest.shards.batch import decode_columns, encode_columns
 from ingest.streams import window_kernel
 from ingest.streams.api import Batch
-from ingest.streams.processors import Aggregate
+from ingest.streams.processors import Aggregate, Custom
 from ingest.streams.spec import ProcessorConfig
 
 KEYS = 1000
@@ -145,6 +145,30 @@ def run_python(timestamps, key_ids, temp, hum):
     return emitted
 
 
+def run_custom(data: bytes, function: str, mode: str) -> int:
+    proc = Custom(ProcessorConfig("bench", "python", "a", "b", function=f"bench.streams_custom:{function}", mode=mode))
+    buf = np.frombuffer(data, np.uint8)
+    out, pos = 0, 0
+    while pos < buf.size:
+        cols = decode_columns(buf[pos:pos + (1 << 20)])
+        batch = Batch(cols.buffer, cols.offsets, cols.timestamps_ms, cols.key_offsets, cols.key_lengths,
+                      cols.value_offsets, cols.value_lengths, cols.header_offsets, cols.header_lengths)
+        out += len(proc.process(batch, live=True))
+        pos += cols.bytes_consumed
+    return out
+
+
+def custom_rows(binary: bytes, data_json: bytes) -> dict[str, tuple[float, float]]:
+    """{values: (batch CPU-seconds, record CPU-seconds)}; both select the same records."""
+    out = {}
+    for values, data in (("binary", binary), ("JSON", data_json)):
+        assert run_custom(data, f"hot_batch_{values.lower()}", "batch") == \
+            run_custom(data, f"hot_record_{values.lower()}", "record")
+        out[values] = (best(lambda: run_custom(data, f"hot_batch_{values.lower()}", "batch"))[0],
+                       best(lambda: run_custom(data, f"hot_record_{values.lower()}", "record"))[0])
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=1_000_000)
@@ -175,6 +199,7 @@ def main() -> int:
             ("orjson.loads of every JSON value alone (the JSON floor)", best(lambda: orjson_only(data_json))),
             ("pure Python per record (dict of windows)", best(lambda: run_python(timestamps, key_ids, temp, hum)))]
     python_s = rows[-1][1]
+    custom = custom_rows(binary, data_json)
     lines = [f"## Stream processing: windowed aggregation (bench/bench_streams.py)", "",
              f"`.venv/bin/python -m bench.bench_streams --records {n}` — {platform.machine()}, "
              f"Python {platform.python_version()}, numba {numba.__version__}; one thread, best of {REPEATS}. "
@@ -189,6 +214,12 @@ def main() -> int:
     lines += ["", f"Targets: binary >= {TARGET_BINARY / 1e6:.0f} M/s per core: "
               f"{'met' if b >= TARGET_BINARY else 'not met'} ({b / 1e6:.2f} M/s); JSON >= {TARGET_JSON / 1e6:.1f} M/s "
               f"per core: {'met' if j >= TARGET_JSON else 'not met'} ({j / 1e6:.2f} M/s)."]
+    lines += ["", "Custom processors (ingest.streams): the same filter (temp_c > 50) as a batch function and as",
+              "a record function, over the same batches:", "",
+              "| function | values | records per CPU-second | batch vs record |", "|---|---|---:|---:|"]
+    for values, (batch_s, record_s) in custom.items():
+        lines.append(f"| batch (numpy mask) | {values} | {n / batch_s / 1e6:.2f} M | {record_s / batch_s:.1f}x |")
+        lines.append(f"| record (Python per record) | {values} | {n / record_s / 1e6:.2f} M | 1.0x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.append:

@@ -14,7 +14,8 @@ Batch form (fast: numpy over columns, one call per chunk of source records):
         return [Output(batch.key(i), b"%.1f" % (2 * t), int(batch.timestamps_ms[i]))
                 for i, t in enumerate(temp) if t == t]
 
-Record form (simple, about 1-2 us of Python per record):
+Record form (simple; about 20x slower than a batch function on binary values and 3x on
+JSON, where parsing dominates either way: bench/RESULTS.md):
 
     def hot(record):                                 # an ingest Record
         return record.value if b'"alarm"' in record.value else None
