@@ -27,7 +27,7 @@ run: $(STAMP)
 # Compiling every numba kernel once first keeps the cold compile out of the first test's
 # start-up timeout (the tests start appliances whose workers load the cache).
 test: $(TEST_STAMP) test-deps
-	$(PY) -c 'from ingest.shards import intake, kernels; kernels.warm_up(); intake.warm_up()'
+	$(PY) -c 'from ingest.shards import intake, kernels; from ingest.streams import window_kernel; kernels.warm_up(); intake.warm_up(); window_kernel.warm_up()'
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 # The fault tests' long mode (docs/RELIABILITY.md): hundreds of rounds; regenerates the
