@@ -112,6 +112,7 @@ class ProcessorTask:
         self.processor: processors.Processor | None = None
         self.position = 0
         self.skip_outputs = 0
+        self.replay: tuple[int, int] | None = None  # [from, to) still to re-read at open
         self.error: str | None = None
         self.retry_at_ms = 0
         self.checkpoint_at_ms = 0
@@ -138,24 +139,36 @@ class ProcessorTask:
             how = f"resuming at offset {found.next_offset}"
             if self.processor.stateful and found.replay_offset < found.next_offset:
                 self.processor.restore(found.stream_time_ms)
-                self._replay(found.replay_offset, found.next_offset)
+                self._start_replay(found.replay_offset, found.next_offset)
                 how += f" (windows rebuilt from offset {found.replay_offset})"
         log.info("processor %s on %s-%d: %s", self.config.name, self.source.topic, self.source.index, how)
 
-    def _replay(self, start: int, end: int) -> None:
+    def _start_replay(self, start: int, end: int) -> None:
+        """Re-read [start, end) to rebuild windows, in budgeted steps (see step)."""
         offset = max(start, self.source.log.log_start_offset)
         if offset > start:
             log.error("processor %s: offsets %d..%d were deleted by retention; their windows are incomplete",
                       self.config.name, start, offset - 1)
-        while offset < end:
+        self.replay = (offset, end) if offset < end else None
+
+    def _replay_step(self, budget_bytes: int) -> int:
+        """Rebuild windows from the source, emitting nothing; returns bytes read."""
+        done = 0
+        while self.replay is not None and done < budget_bytes:
+            offset, end = self.replay
             batch, offset = self._read(offset, end)
             if batch is not None and len(batch):
                 self.processor.process(batch, live=False)
+                done += max(1, int(batch.value_lengths.clip(0).sum()))
+            else:
+                done += CHUNK_BYTES
+            self.replay = (offset, end) if offset < end else None
+        return done
 
     # ---- steps ---------------------------------------------------------------------------
 
     def behind(self) -> bool:
-        return self.error is None and self.position < self.source.log.flushed_offset
+        return self.error is None and (self.replay is not None or self.position < self.source.log.flushed_offset)
 
     def step(self, budget_bytes: int) -> None:
         """Process flushed source records from the position on, up to about budget_bytes."""
@@ -164,7 +177,11 @@ class ProcessorTask:
         try:
             if self.processor is None:
                 self.open()
-            done = 0
+            # A long replay (windows of hours) is spread over loop turns like live work, so
+            # the worker keeps answering and heartbeating meanwhile.
+            done = self._replay_step(budget_bytes)
+            if self.replay is not None:
+                return
             limit = self.source.log.flushed_offset
             while self.position < limit and done < budget_bytes:
                 before = self.position
@@ -192,7 +209,8 @@ class ProcessorTask:
         once the sink is durable up to its end (the file promises what the sink holds)."""
         t = mono_ms()
         sink_log = self.sink.log
-        if (self.position == self.written_position or self.skip_outputs or t < self.checkpoint_at_ms
+        if (self.position == self.written_position or self.skip_outputs or self.replay is not None
+                or t < self.checkpoint_at_ms
                 or sink_log.flushed_offset < sink_log.log_end_offset):
             return
         self.checkpoint_at_ms = t + checkpoint.CHECKPOINT_INTERVAL_MS
@@ -205,6 +223,7 @@ class ProcessorTask:
             log.warning("processor %s: checkpoint not saved: %s", self.config.name, e)
 
     def _reset(self) -> None:
+        self.replay = None
         if self.processor is not None:
             self.late_base += self.processor.late_records()
             self.invalid_base += self.processor.invalid_records
