@@ -156,6 +156,16 @@ def cmd_topics(args) -> int:
         return 0
 
 
+def cmd_promote(args) -> int:
+    from ingest.net import wire
+    from ingest.net.client import BootstrapClient
+
+    with BootstrapClient(args.bootstrap, curve=_curve(args)) as client:
+        doc = client.request(wire.PromoteRequest()).document
+    print(f"{args.bootstrap}: {doc['role']} at leader epoch {doc['leader_epoch']}")
+    return 0
+
+
 def cmd_status(args) -> int:
     import orjson
 
@@ -310,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="workers, endpoints and topics of a running appliance", parents=[client])
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    pm = sub.add_parser("promote", help="make this follower appliance the leader (leader epoch + 1)",
+                        parents=[client])
+    pm.set_defaults(func=cmd_promote)
 
     tp = sub.add_parser("top", help="the status table, refreshed live", parents=[client])
     tp.add_argument("--interval-ms", type=int, default=1000)

@@ -28,6 +28,11 @@ Example (every key optional):
     server_secret_key_file = "/etc/ingest/keys/appliance.key_secret"
     authorized_keys_dir = "/etc/ingest/keys/authorized"   # *.key of allowed clients
 
+    [replication]            # peers to replicate with: see ingest/replication/settings.py
+    role = "leader"
+    peers = ["tcp://10.0.0.2:7400"]
+    min_insync_replicas = 2
+
     [[topic]]
     name = "telemetry"
     partitions = 4
@@ -60,6 +65,7 @@ from pathlib import Path
 
 import psutil
 
+from ingest.replication.settings import ReplicationConfig
 from ingest.security import SecurityConfig
 from ingest.shards.log import LogConfig
 from ingest.uplink.config import UplinkConfig, UplinkConfigError
@@ -138,6 +144,7 @@ class Config:
     topics: tuple[TopicConfig, ...] = ()
     security: SecurityConfig = field(default_factory=SecurityConfig)
     uplinks: tuple[UplinkConfig, ...] = ()  # [[uplink]]: see ingest/uplink/config.py
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
     processors: tuple[ProcessorConfig, ...] = ()  # [[processor]]: see ingest/streams/spec.py
 
@@ -204,7 +211,7 @@ def _build(cls, table: dict, section: str):
 def from_dict(doc: dict) -> Config:
     doc = dict(doc)
     unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics", "security", "uplink", "uplinks",
-                                 "processor", "processors"})
+                                 "processor", "processors", "replication"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     server = dict(doc.get("server", {}))
@@ -221,6 +228,7 @@ def from_dict(doc: dict) -> Config:
         security=_build(SecurityConfig, dict(doc.get("security", {})), "security"),
         uplinks=_uplinks(doc.get("uplink", doc.get("uplinks", []))),
         processors=_processors(doc.get("processor", doc.get("processors", [])), topics),
+        replication=_build(ReplicationConfig, dict(doc.get("replication", {})), "replication"),
     )
     validate(config)
     return config

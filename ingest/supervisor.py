@@ -28,6 +28,7 @@ from ingest.clock import mono_ms
 from ingest.config import WILDCARD_HOSTS, Config, ConfigError, TopicConfig
 from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
+from ingest.replication.peers import SupervisorReplication
 from ingest.sdnotify import Notifier, watchdog_interval_ms
 from ingest.security import CurveGuard
 from ingest.streams.sinks import sinks_to_create
@@ -114,6 +115,8 @@ class Supervisor:
         for topic in self.config.topics:
             self.topics.create(topic)
         self._create_sinks()
+        self.replication = SupervisorReplication(self.config.replication, self.data_dir, self.appliance_id)
+        self.replication.start()
 
     def _bind(self) -> None:
         self.control = self.ctx.socket(zmq.ROUTER)
@@ -218,7 +221,8 @@ class Supervisor:
             w.last_heartbeat_ms = mono_ms()
             kind = msg["t"]
             if kind == "hello":
-                self._send_control(w, {"t": "topics", "topics": self.topics.as_dict()})
+                self._send_control(w, {"t": "topics", "topics": self.topics.as_dict(),
+                                       "replication": self.replication.worker_doc()})
             elif kind == "ready":
                 w.ready = True
                 log.info("worker %d ready", w.worker_id)
@@ -227,6 +231,8 @@ class Supervisor:
                 self.store.update(w.worker_id, w.incarnation, msg.get("metrics", {}))
             elif kind == "create_topic":
                 self._create_topic(msg["topic"], self.config.partitions_default)
+            elif kind == "fenced" and self.replication.fenced(msg["leader_epoch"]):
+                self._broadcast_replication()
 
     def _send_control(self, w: WorkerHandle, msg: dict) -> None:
         if w.identity:
@@ -243,6 +249,16 @@ class Supervisor:
             self.topics.create(sink)
             log.info("sink topic %s created with %d partitions", sink.name, sink.partitions)
         return bool(sinks)
+
+    def _broadcast_replication(self) -> None:
+        for w in self.workers:
+            self._send_control(w, {"t": "replication", "replication": self.replication.worker_doc()})
+
+    def _follow_peers(self) -> None:
+        if self.replication.poll():
+            self._broadcast_replication()
+        for name, partitions in self.replication.topics_to_create(self.topics.as_dict()):
+            self._create_topic(name, partitions)
 
     def _create_topic(self, name: str, partitions: int, raw_port: int | None = None) -> bool:
         created = self.topics.create(TopicConfig(name, partitions, raw_port))
@@ -266,7 +282,8 @@ class Supervisor:
                 "auto_create_topics": self.config.server.auto_create_topics,
                 "curve": self.guard.enabled,
                 "processors": [dataclasses.asdict(p) for p in self.config.processors],
-                "metrics": self.metrics_url()}
+                "metrics": self.metrics_url(),
+                "replication": self.replication.metadata()}
 
     def metrics_url(self) -> str:
         host = self.config.server.metrics_bind
@@ -300,8 +317,15 @@ class Supervisor:
             return wire.CreateTopicReply({"created": created, **self.metadata()}, request.correlation_id).encode()
         if isinstance(request, wire.PingRequest):
             return wire.PingReply(request.correlation_id).encode()
+        if isinstance(request, wire.PromoteRequest):
+            try:
+                document = self.replication.promote()
+            except ValueError as e:
+                raise IngestError(ErrorCode.INVALID_REQUEST, str(e)) from None
+            self._broadcast_replication()
+            return wire.PromoteReply(document, request.correlation_id).encode()
         raise IngestError(ErrorCode.INVALID_REQUEST,
-                          "the bootstrap endpoint answers METADATA, CREATE_TOPIC and PING only")
+                          "the bootstrap endpoint answers METADATA, CREATE_TOPIC, PROMOTE and PING only")
 
     # ---- main loop ---------------------------------------------------------------------
 
@@ -360,6 +384,7 @@ class Supervisor:
                 self._on_bootstrap()
             t = mono_ms()
             self._check_workers(t)
+            self._follow_peers()
             self._announce_ready_once()
             self._pet_watchdog(t)
             self.guard.maybe_reload()
@@ -387,6 +412,7 @@ class Supervisor:
                 clean = False
         if self._http:
             self._http.close()
+        self.replication.close()
         self.guard.close()
         self.ctx.destroy(linger=0)
         log.info("stopped %s", "cleanly" if clean else "with errors")

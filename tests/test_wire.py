@@ -708,7 +708,7 @@ def test_peek_header_reads_any_version_and_refuses_short_frames():
 # --- error codes ---------------------------------------------------------------------
 
 RETRIABLE = {"NOT_OWNER", "THROTTLED", "DISK_FULL", "TIMEOUT", "NOT_ENOUGH_REPLICAS",
-             "SHUTTING_DOWN"}
+             "SHUTTING_DOWN", "NOT_LEADER", "FENCED_LEADER_EPOCH"}
 
 
 def test_error_codes_are_u16_unique_and_say_what_to_do_in_one_line():

@@ -65,6 +65,10 @@ class ErrorCode(IntEnum):
         "the topic exists already: use it (METADATA shows its partition count)")
     UNKNOWN_SERVER_ERROR = 19, False, (
         "the appliance failed unexpectedly: report it with the appliance's log")
+    NOT_LEADER = 20, True, (
+        "this appliance is a follower replica: refresh METADATA and send to the leader appliance")
+    FENCED_LEADER_EPOCH = 21, True, (
+        "the appliance was replaced as leader (a newer leader epoch exists): refresh METADATA")
 
 
 def describe(code: int) -> str:

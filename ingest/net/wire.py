@@ -140,6 +140,11 @@ _LIST_OFFSETS_REPLY = struct.Struct("<BBHIHHiqq")
 _OFFSET_FETCH_REPLY = struct.Struct("<BBHIHHI")
 _OFFSET_FETCH_ENTRY = struct.Struct("<iq")
 _ERROR_REPLY = struct.Struct("<BBHIHHi")
+# Replication (ingest/replication/): a follower's fetch, and Kafka's OffsetsForLeaderEpoch.
+_REPLICA_FETCH = struct.Struct("<BBHIBBHiqiii")
+_REPLICA_FETCH_REPLY = struct.Struct("<BBHIHHiqqqii")
+_EPOCH_END_OFFSET = struct.Struct("<BBHIBBHii")
+_EPOCH_END_OFFSET_REPLY = struct.Struct("<BBHIHHiiq")
 _U16 = struct.Struct("<H")
 _I32 = struct.Struct("<i")
 _BATCH_LENGTH = struct.Struct(">i")  # Kafka's batchLength, big-endian like all of Kafka's
@@ -162,6 +167,15 @@ assert _BATCH.size == BATCH_FIXED_BYTES == 16
 assert (FETCH_FIXED_BYTES, LIST_OFFSETS_BYTES, OFFSETS_FIXED_BYTES) == (36, 24, 16)
 assert (PRODUCE_REPLY_BYTES, FETCH_REPLY_FIXED_BYTES, LIST_OFFSETS_REPLY_BYTES) == (36, 40, 32)
 assert (OFFSET_FETCH_REPLY_FIXED_BYTES, ERROR_REPLY_FIXED_BYTES) == (16, 16)
+REPLICA_FETCH_FIXED_BYTES = _REPLICA_FETCH.size
+REPLICA_FETCH_REPLY_FIXED_BYTES = _REPLICA_FETCH_REPLY.size
+EPOCH_END_OFFSET_BYTES = _EPOCH_END_OFFSET.size
+EPOCH_END_OFFSET_REPLY_BYTES = _EPOCH_END_OFFSET_REPLY.size
+assert (REPLICA_FETCH_FIXED_BYTES, REPLICA_FETCH_REPLY_FIXED_BYTES) == (36, 48)
+assert (EPOCH_END_OFFSET_BYTES, EPOCH_END_OFFSET_REPLY_BYTES) == (20, 28)
+# A replica id names the fetching appliance (its appliance_id): at most this many bytes.
+MAX_REPLICA_ID_BYTES = 64
+NO_EPOCH = -1  # EPOCH_END_OFFSET: the follower's log has no leader epoch yet
 
 # Kafka's topic charset ([a-zA-Z0-9._-]); groups use it too.
 NAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
@@ -188,6 +202,9 @@ class MsgType(IntEnum):
     METADATA = 0x07
     CREATE_TOPIC = 0x08
     PING = 0x09
+    REPLICA_FETCH = 0x0A
+    EPOCH_END_OFFSET = 0x0B
+    PROMOTE = 0x0C
 
 
 class Durability(IntEnum):
@@ -604,9 +621,82 @@ class PingRequest:
         return _pack(_HEADER, PROTOCOL_VERSION, MsgType.PING, 0, self.correlation_id)
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaFetchRequest:
+    """A follower appliance's fetch: like FETCH, but reads up to the log end (not the high
+    watermark) and tells the leader that ``replica_id`` holds every offset below
+    ``offset`` on disk. ``leader_epoch`` is the epoch the follower follows; a leader with
+    an older epoch answers FENCED_LEADER_EPOCH (it has been replaced)."""
+
+    topic: str
+    partition: int
+    offset: int
+    max_bytes: int
+    max_wait_ms: int
+    leader_epoch: int
+    replica_id: str
+    correlation_id: int = 0
+    msg_type: ClassVar[int] = MsgType.REPLICA_FETCH
+
+    def encode(self) -> bytes:
+        topic = _encode_name(self.topic, "topic", ErrorCode.INVALID_TOPIC)
+        replica = _encode_replica_id(self.replica_id)
+        _check_fetch(self.partition, self.offset, self.max_bytes, self.max_wait_ms, 0)
+        _check_epoch(self.leader_epoch)
+        head = _pack(_REPLICA_FETCH, PROTOCOL_VERSION, MsgType.REPLICA_FETCH, 0,
+                     self.correlation_id, len(topic), len(replica), 0, self.partition,
+                     self.offset, self.max_bytes, self.max_wait_ms, self.leader_epoch)
+        return b"".join([head, topic, replica])
+
+
+def _encode_replica_id(replica_id: str) -> bytes:
+    raw = replica_id.encode("ascii", "replace") if isinstance(replica_id, str) else b""
+    if not 1 <= len(raw) <= MAX_REPLICA_ID_BYTES or not _NAME_RE.fullmatch(raw):
+        raise _invalid(f"replica id {replica_id!r} is not 1..{MAX_REPLICA_ID_BYTES} bytes "
+                       "of [a-zA-Z0-9._-]")
+    return raw
+
+
+def _check_epoch(epoch: int, low: int = 0) -> None:
+    if not low <= epoch <= 0x7FFFFFFF:
+        raise _invalid(f"leader epoch {epoch} is not in {low}..2**31-1")
+
+
+@dataclass(frozen=True, slots=True)
+class EpochEndOffsetRequest:
+    """Kafka's OffsetsForLeaderEpoch for one partition: where does ``leader_epoch`` end in
+    the leader's log? NO_EPOCH asks about a log that has no epoch yet."""
+
+    topic: str
+    partition: int
+    leader_epoch: int
+    correlation_id: int = 0
+    msg_type: ClassVar[int] = MsgType.EPOCH_END_OFFSET
+
+    def encode(self) -> bytes:
+        topic = _encode_name(self.topic, "topic", ErrorCode.INVALID_TOPIC)
+        _check_partition(self.partition)
+        _check_epoch(self.leader_epoch, NO_EPOCH)
+        head = _pack(_EPOCH_END_OFFSET, PROTOCOL_VERSION, MsgType.EPOCH_END_OFFSET, 0,
+                     self.correlation_id, len(topic), 0, 0, self.partition, self.leader_epoch)
+        return head + topic
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteRequest:
+    """Make this appliance the leader with a new leader epoch (`ingest promote`);
+    served by the bootstrap endpoint."""
+
+    correlation_id: int = 0
+    msg_type: ClassVar[int] = MsgType.PROMOTE
+
+    def encode(self) -> bytes:
+        return _pack(_HEADER, PROTOCOL_VERSION, MsgType.PROMOTE, 0, self.correlation_id)
+
+
 Request = Union[RecordMessage, BatchMessage, FetchRequest, ListOffsetsRequest,
                 OffsetCommitRequest, OffsetFetchRequest, MetadataRequest, CreateTopicRequest,
-                PingRequest]
+                PingRequest, ReplicaFetchRequest, EpochEndOffsetRequest, PromoteRequest]
 
 
 # ---------------------------------------------------------------------------------------
@@ -818,8 +908,65 @@ def _check_error_reply(request_type: int, error_code: int, message: str,
     return raw
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaFetchReply:
+    """Batches for a follower (up to the log end), the leader's offsets and its epoch."""
+
+    partition: int
+    high_watermark: int
+    log_start_offset: int
+    log_end_offset: int
+    leader_epoch: int
+    records: Buffer = b""
+    correlation_id: int = 0
+    msg_type: ClassVar[int] = MsgType.REPLICA_FETCH | REPLY_BIT
+
+    def encode(self) -> bytes:
+        _check_fetch_reply(self.partition, self.high_watermark, self.log_start_offset,
+                           self.log_end_offset)
+        _check_epoch(self.leader_epoch)
+        head = _reply_head(_REPLICA_FETCH_REPLY, MsgType.REPLICA_FETCH, self.correlation_id,
+                           self.partition, self.high_watermark, self.log_start_offset,
+                           self.log_end_offset, self.leader_epoch, 0)
+        return _join([head, self.records])
+
+
+@dataclass(frozen=True, slots=True)
+class EpochEndOffsetReply:
+    """``leader_epoch`` is the largest epoch <= the one asked about in the leader's log
+    (NO_EPOCH if none); ``end_offset`` where it ends there (the next epoch's start, or the
+    log end for the latest epoch). A follower truncates its log to at most end_offset."""
+
+    partition: int
+    leader_epoch: int
+    end_offset: int
+    correlation_id: int = 0
+    msg_type: ClassVar[int] = MsgType.EPOCH_END_OFFSET | REPLY_BIT
+
+    def encode(self) -> bytes:
+        _check_partition(self.partition)
+        _check_epoch(self.leader_epoch, NO_EPOCH)
+        _check_offset(self.end_offset, "end_offset")
+        return _reply_head(_EPOCH_END_OFFSET_REPLY, MsgType.EPOCH_END_OFFSET,
+                           self.correlation_id, self.partition, self.leader_epoch,
+                           self.end_offset)
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteReply:
+    """The appliance is the leader now: ``document`` holds its role and leader epoch."""
+
+    document: dict
+    correlation_id: int = 0
+    msg_type: ClassVar[int] = MsgType.PROMOTE | REPLY_BIT
+
+    def encode(self) -> bytes:
+        return _encode_json_reply(MsgType.PROMOTE, self.correlation_id, self.document)
+
+
 Reply = Union[ProduceReply, FetchReply, ListOffsetsReply, OffsetCommitReply, OffsetFetchReply,
-              MetadataReply, CreateTopicReply, PingReply, ErrorReply]
+              MetadataReply, CreateTopicReply, PingReply, ErrorReply, ReplicaFetchReply,
+              EpochEndOffsetReply, PromoteReply]
 
 
 def encode(message: Request | Reply) -> bytes:
@@ -1090,6 +1237,45 @@ def _decode_ping(view: memoryview) -> PingRequest:
     return PingRequest(correlation_id)
 
 
+def _decode_replica_fetch(view: memoryview) -> ReplicaFetchRequest:
+    if len(view) < REPLICA_FETCH_FIXED_BYTES:
+        raise _truncated("REPLICA_FETCH", len(view), REPLICA_FETCH_FIXED_BYTES)
+    (_, _, flags, correlation_id, topic_length, replica_length, reserved16, partition, offset,
+     max_bytes, max_wait_ms, leader_epoch) = _REPLICA_FETCH.unpack_from(view)
+    _check_reserved("REPLICA_FETCH", flags, reserved16)
+    _check_fetch(partition, offset, max_bytes, max_wait_ms, 0)
+    _check_epoch(leader_epoch)
+    topic = _decode_name(view, REPLICA_FETCH_FIXED_BYTES, topic_length, "topic",
+                         ErrorCode.INVALID_TOPIC)
+    start = REPLICA_FETCH_FIXED_BYTES + topic_length
+    _check_exact_size(view, start + replica_length, "REPLICA_FETCH")
+    replica = bytes(view[start:start + replica_length])
+    _encode_replica_id(replica.decode("ascii", "replace"))
+    return ReplicaFetchRequest(topic, partition, offset, max_bytes, max_wait_ms, leader_epoch,
+                               replica.decode("ascii"), correlation_id)
+
+
+def _decode_epoch_end_offset(view: memoryview) -> EpochEndOffsetRequest:
+    if len(view) < EPOCH_END_OFFSET_BYTES:
+        raise _truncated("EPOCH_END_OFFSET", len(view), EPOCH_END_OFFSET_BYTES)
+    (_, _, flags, correlation_id, topic_length, reserved8, reserved16, partition,
+     leader_epoch) = _EPOCH_END_OFFSET.unpack_from(view)
+    _check_reserved("EPOCH_END_OFFSET", flags, reserved8, reserved16)
+    _check_partition(partition)
+    _check_epoch(leader_epoch, NO_EPOCH)
+    topic = _decode_name(view, EPOCH_END_OFFSET_BYTES, topic_length, "topic",
+                         ErrorCode.INVALID_TOPIC)
+    _check_exact_size(view, EPOCH_END_OFFSET_BYTES + topic_length, "EPOCH_END_OFFSET")
+    return EpochEndOffsetRequest(topic, partition, leader_epoch, correlation_id)
+
+
+def _decode_promote(view: memoryview) -> PromoteRequest:
+    (_, _, flags, correlation_id) = _HEADER.unpack_from(view)
+    _check_reserved("PROMOTE", flags)
+    _check_exact_size(view, HEADER_BYTES, "PROMOTE")
+    return PromoteRequest(correlation_id)
+
+
 _REQUEST_DECODERS: dict[int, Callable[[memoryview], Request]] = {
     MsgType.RECORD: _decode_record,
     MsgType.BATCH: _decode_batch,
@@ -1100,6 +1286,9 @@ _REQUEST_DECODERS: dict[int, Callable[[memoryview], Request]] = {
     MsgType.METADATA: _decode_metadata,
     MsgType.CREATE_TOPIC: _decode_create_topic,
     MsgType.PING: _decode_ping,
+    MsgType.REPLICA_FETCH: _decode_replica_fetch,
+    MsgType.EPOCH_END_OFFSET: _decode_epoch_end_offset,
+    MsgType.PROMOTE: _decode_promote,
 }
 assert set(_REQUEST_DECODERS) == set(MsgType)
 
@@ -1200,6 +1389,34 @@ def _decode_ping_reply(view: memoryview) -> PingReply:
     return PingReply(correlation_id)
 
 
+def _decode_replica_fetch_reply(view: memoryview) -> ReplicaFetchReply:
+    correlation_id = _check_reply_head(view, REPLICA_FETCH_REPLY_FIXED_BYTES, "REPLICA_FETCH reply")
+    (_, _, _, _, _, _, partition, high_watermark, log_start_offset, log_end_offset,
+     leader_epoch, reserved) = _REPLICA_FETCH_REPLY.unpack_from(view)
+    if reserved:
+        raise _corrupt("REPLICA_FETCH reply sets reserved bytes")
+    _check_fetch_reply(partition, high_watermark, log_start_offset, log_end_offset)
+    _check_epoch(leader_epoch)
+    return ReplicaFetchReply(partition, high_watermark, log_start_offset, log_end_offset,
+                             leader_epoch, view[REPLICA_FETCH_REPLY_FIXED_BYTES:], correlation_id)
+
+
+def _decode_epoch_end_offset_reply(view: memoryview) -> EpochEndOffsetReply:
+    correlation_id = _check_reply_head(view, EPOCH_END_OFFSET_REPLY_BYTES, "EPOCH_END_OFFSET reply")
+    _check_exact_size(view, EPOCH_END_OFFSET_REPLY_BYTES, "EPOCH_END_OFFSET reply")
+    (_, _, _, _, _, _, partition, leader_epoch, end_offset) = _EPOCH_END_OFFSET_REPLY.unpack_from(view)
+    _check_partition(partition)
+    _check_epoch(leader_epoch, NO_EPOCH)
+    _check_offset(end_offset, "end_offset")
+    return EpochEndOffsetReply(partition, leader_epoch, end_offset, correlation_id)
+
+
+def _decode_promote_reply(view: memoryview) -> PromoteReply:
+    correlation_id = _check_reply_head(view, REPLY_HEADER_BYTES, "PROMOTE reply")
+    document = _loads_object(view[REPLY_HEADER_BYTES:], "PROMOTE reply", ErrorCode.CORRUPT_MESSAGE)
+    return PromoteReply(document, correlation_id)
+
+
 _REPLY_DECODERS: dict[int, Callable[[memoryview], Reply]] = {
     MsgType.RECORD: _decode_produce_reply,
     MsgType.BATCH: _decode_produce_reply,
@@ -1210,5 +1427,8 @@ _REPLY_DECODERS: dict[int, Callable[[memoryview], Reply]] = {
     MsgType.METADATA: _decode_metadata_reply,
     MsgType.CREATE_TOPIC: _decode_create_topic_reply,
     MsgType.PING: _decode_ping_reply,
+    MsgType.REPLICA_FETCH: _decode_replica_fetch_reply,
+    MsgType.EPOCH_END_OFFSET: _decode_epoch_end_offset_reply,
+    MsgType.PROMOTE: _decode_promote_reply,
 }
 assert set(_REPLY_DECODERS) == set(MsgType)

@@ -323,7 +323,7 @@ class RecordIntake:
         if error.code in (ErrorCode.CORRUPT_MESSAGE, ErrorCode.MESSAGE_TOO_LARGE):
             return
         reason = ErrorCode(error.code).name.lower()
-        if error.code in (ErrorCode.DISK_FULL, ErrorCode.STORAGE_ERROR):
+        if error.code in (ErrorCode.DISK_FULL, ErrorCode.STORAGE_ERROR, ErrorCode.NOT_LEADER):
             self.w.probe.dropped(reason, records)
         else:
             self.w.probe.invalid(reason)

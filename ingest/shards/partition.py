@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ingest.errors import CorruptDataError, OffsetOutOfRangeError
+from ingest.errors import CorruptDataError, InvalidBatchError, OffsetOutOfRangeError
+from ingest.replication.epochs import LeaderEpochCache
 from ingest.shards import batch as batch_codec
 from ingest.shards.group_offsets import GroupOffsets
 from ingest.shards.log import Log, LogConfig
@@ -38,6 +39,9 @@ class Partition:
         self.log = Log(self.directory, config)
         self.groups = GroupOffsets(self.directory)
         self.producers = self._load_producer_state(now_ms)
+        self.epochs = LeaderEpochCache(self.directory)
+        # A crash may have cut a tail the checkpoint had already seen.
+        self.epochs.truncate_from_end(self.log.log_end_offset)
         self._snapshot_ms = now_ms
         if self.log.recovered_by_scan:
             how = "recovered by scanning its tail"
@@ -77,18 +81,36 @@ class Partition:
                 offset = header.last_offset + 1
         return state
 
-    def append(self, batch, header, now_ms: int) -> tuple[int, int, bool]:
-        """Append a validated batch; returns (base_offset, last_offset, was_duplicate)."""
+    def append(self, batch, header, now_ms: int, leader_epoch: int | None = None) -> tuple[int, int, bool]:
+        """Append a validated batch; returns (base_offset, last_offset, was_duplicate).
+        With `leader_epoch` (a replicated leader) the batch is stamped with it."""
         pid = header.producer_id
         if pid >= 0:
             last_seq = header.base_sequence + header.last_offset_delta
             original = self.producers.check(pid, header.producer_epoch, header.base_sequence, last_seq)
             if original is not None:
                 return original[0], original[1], True
-        base, last = self.log.append(batch)
+        if leader_epoch is not None:
+            self.epochs.assign(leader_epoch, self.log.log_end_offset)  # on disk before the batch is acked
+        base, last = self.log.append(batch, leader_epoch)
         if pid >= 0:
             self.producers.record(pid, header.producer_epoch, header.base_sequence, last_seq, base, last, now_ms)
         return base, last, False
+
+    def append_replica(self, batch, header, now_ms: int) -> tuple[int, int]:
+        """Append a batch fetched from the leader as it is: same bytes, same offsets, its
+        leader epoch. Producer state learns it without judging it (the leader did)."""
+        if header.base_offset != self.log.log_end_offset:
+            raise InvalidBatchError(f"replicated batch at offset {header.base_offset}, log end is "
+                                    f"{self.log.log_end_offset}", "offset")
+        self.epochs.assign(header.partition_leader_epoch, header.base_offset)
+        base, last = self.log.append(batch)
+        assert base == header.base_offset
+        pid = header.producer_id
+        if pid >= 0:
+            self.producers.record(pid, header.producer_epoch, header.base_sequence,
+                                  header.base_sequence + header.last_offset_delta, base, last, now_ms)
+        return base, last
 
     def after_flush(self, now_ms: int) -> None:
         """Snapshot producer state now and then; it covers everything below log end."""
@@ -97,11 +119,10 @@ class Partition:
             self.producers.save(self.directory, self.log.log_end_offset)
             self._snapshot_ms = now_ms
 
-    def gauges(self, now_ms: int) -> list[tuple[str, dict, float]]:
+    def gauges(self, now_ms: int, high_watermark: int) -> list[tuple[str, dict, float]]:
         """This partition's offsets, size and consumer-group lag, for the metrics snapshot."""
         lg = self.log
         labels = {"topic": self.topic, "partition": str(self.index)}
-        high_watermark = lg.log_end_offset  # no replicas yet: everything appended is visible
         rows = [("log_start_offset", labels, lg.log_start_offset), ("log_end_offset", labels, lg.log_end_offset),
                 ("log_high_watermark", labels, high_watermark), ("log_flushed_offset", labels, lg.flushed_offset),
                 ("log_size_bytes", labels, lg.size_bytes), ("log_corrupt_batches", labels, len(lg.problems))]

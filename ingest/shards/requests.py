@@ -1,9 +1,10 @@
 """Request/reply handling of a worker's ROUTER socket: produce, fetch, offsets.
 
 Every request gets exactly one reply with an error code. acks=1 replies right after the
-append; acks=fsync (and acks=all, which on a lone appliance is the same set of in-sync
-replicas: this one) replies after the group commit that covers the batch. A fetch with
-nothing to return waits (long poll) until data arrives or max_wait_ms passes.
+append; acks=fsync replies after the group commit that covers the batch; acks=all after
+that and once every in-sync replica holds the batch (ingest/replication/; on a lone
+appliance the in-sync set is this one). Consumers read below the high watermark; a fetch
+with nothing to return waits (long poll) until data arrives or max_wait_ms passes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ingest.clock import mono_ms, now_ms
 from ingest.net import wire
 from ingest.net.wire import Durability
 from ingest.net.errors import ErrorCode, IngestError, WireError
+from ingest.replication.leader import READY
 from ingest.shards import batch as batch_codec
 from ingest.errors import CorruptDataError, OffsetOutOfRangeError
 
@@ -85,6 +87,9 @@ class RequestHandler:
         if reply is not None:
             self._send(identity, reply)
 
+    def send(self, identity: bytes, reply: bytes) -> None:
+        self._send(identity, reply)
+
     def _send(self, identity: bytes, reply: bytes) -> None:
         try:
             self.w.router.send_multipart([identity, reply], zmq.NOBLOCK, copy=len(reply) < 65536)
@@ -104,6 +109,9 @@ class RequestHandler:
             return self._offset_fetch(request)
         if isinstance(request, wire.PingRequest):
             return wire.PingReply(request.correlation_id).encode()
+        if isinstance(request, (wire.ReplicaFetchRequest, wire.EpochEndOffsetRequest)):
+            part = self.partition(request.topic, request.partition)
+            return self.w.replication.on_request(identity, request, part)
         if isinstance(request, wire.MetadataRequest):
             raise IngestError(ErrorCode.INVALID_REQUEST, "ask the bootstrap endpoint for metadata")
         raise IngestError(ErrorCode.INVALID_REQUEST, f"{type(request).__name__} is not served by workers")
@@ -133,6 +141,7 @@ class RequestHandler:
         arrived_s = time.perf_counter()
         if msg.acks == Durability.NONE:
             raise IngestError(ErrorCode.INVALID_REQUEST, "acks=0 records go to the PULL endpoint, not requests")
+        self.w.replication.check_leader(getattr(msg, "partition", -1))
         if isinstance(msg, wire.RecordMessage):
             topic, partition, batch = self.w.intake.single_record_batch(msg)
         else:
@@ -141,18 +150,24 @@ class RequestHandler:
         if msg.acks >= Durability.FSYNC and self.inflight_bytes + size > self.w.config.limits.inflight_bytes_max:
             self.w.probe.count("produce_requests_total", error="throttled")
             raise IngestError(ErrorCode.THROTTLED, "too many bytes awaiting fsync", partition)
+        if msg.acks == Durability.ALL:
+            self.w.replication.check_acks_all(self.partition(topic, partition))
         part, _header, base, last, duplicate = self.accept_batch(topic, partition, batch, now_ms())
         self.w.probe.count("produce_requests_total", error="none")
         if duplicate:
             self.w.probe.count("duplicate_batches_total")
         reply = wire.ProduceReply(msg.msg_type, partition, base, last, msg.acks, msg.correlation_id).encode()
-        if msg.acks == Durability.WRITTEN or part.log.flushed_offset > last:
+        if msg.acks == Durability.WRITTEN or (part.log.flushed_offset > last and self._replicated(msg.acks, part, last)):
             self._observe_latency(msg.acks, arrived_s)
             return reply
         self.pending.append(PendingAck(part, last, identity, reply, size, msg.msg_type, msg.correlation_id,
                                        arrived_s, msg.acks))
         self.inflight_bytes += size
         return None
+
+    def _replicated(self, acks: int, part, last_offset: int) -> bool:
+        """acks=all: every in-sync replica holds the batch (raises NOT_ENOUGH_REPLICAS)."""
+        return acks != Durability.ALL or self.w.replication.ack_status(part, last_offset) == READY
 
     def _observe_latency(self, acks: int, arrived_s: float) -> None:
         self.w.probe.observe("produce_latency_seconds", time.perf_counter() - arrived_s, acks=ACKS_LABELS[acks])
@@ -167,12 +182,19 @@ class RequestHandler:
         self.pending = [ack for ack in self.pending if ack.part is not part]
 
     def release_durable_acks(self) -> None:
-        """Answer every acks=fsync produce that the last group commit made durable."""
+        """Answer every acked produce that reached its level: acks=fsync once the group
+        commit covers it, acks=all once the in-sync replicas hold it too."""
         if not self.pending:
             return
         still = []
         for ack in self.pending:
-            if ack.part.log.flushed_offset > ack.last_offset:
+            try:
+                done = ack.part.log.flushed_offset > ack.last_offset and self._replicated(ack.acks, ack.part, ack.last_offset)
+            except IngestError as e:
+                self._send(ack.identity, error_reply(ack, e))
+                self.inflight_bytes -= ack.size_bytes
+                continue
+            if done:
                 self._send(ack.identity, ack.reply)
                 self.inflight_bytes -= ack.size_bytes
                 self._observe_latency(ack.acks, ack.arrived_s)
@@ -184,8 +206,10 @@ class RequestHandler:
 
     def _fetch(self, identity: bytes, req):
         part = self.partition(req.topic, req.partition)
+        self.w.replication.check_leader(req.partition)
         wait_ms = min(max(req.max_wait_ms, 0), FETCH_WAIT_MS_MAX)
-        if req.offset == part.log.log_end_offset and wait_ms > 0 and len(self.waiting) < WAITING_FETCHES_MAX:
+        if (self.w.replication.high_watermark(part) <= req.offset <= part.log.log_end_offset and wait_ms > 0
+                and len(self.waiting) < WAITING_FETCHES_MAX):
             self.waiting.append(WaitingFetch(mono_ms() + wait_ms, identity, req, part))
             return None
         return self._fetch_reply(req, part)
@@ -193,13 +217,16 @@ class RequestHandler:
     def _fetch_reply(self, req, part) -> bytes:
         self.w.probe.count("fetch_requests_total")
         lg = part.log
+        high_watermark = self.w.replication.high_watermark(part)
         try:
             data = lg.read(req.offset, min(max(req.max_bytes, 1), FETCH_BYTES_MAX))
         except OffsetOutOfRangeError as e:
             raise IngestError(ErrorCode.OFFSET_OUT_OF_RANGE, str(e), req.partition) from None
         except CorruptDataError as e:  # never served; the operator sees it in logs and `ingest check`
             raise IngestError(ErrorCode.STORAGE_ERROR, str(e), req.partition) from None
-        return wire.FetchReply(req.partition, lg.log_end_offset, lg.log_start_offset, lg.log_end_offset,
+        if high_watermark < lg.log_end_offset:
+            data = _below(data, high_watermark)
+        return wire.FetchReply(req.partition, high_watermark, lg.log_start_offset, lg.log_end_offset,
                                data, req.correlation_id).encode()
 
     def serve_waiting(self, t_ms: int) -> None:
@@ -207,7 +234,8 @@ class RequestHandler:
             return
         still = []
         for f in self.waiting:
-            if f.part.log.log_end_offset > f.request.offset or t_ms >= f.deadline_ms or self.w.stopping:
+            if (self.w.replication.high_watermark(f.part) > f.request.offset or t_ms >= f.deadline_ms
+                    or self.w.stopping):
                 try:
                     reply = self._fetch_reply(f.request, f.part)
                 except IngestError as e:
@@ -239,7 +267,7 @@ class RequestHandler:
         if req.timestamp_ms == wire.EARLIEST_TIMESTAMP:
             offset, ts = lg.log_start_offset, -1
         elif req.timestamp_ms == wire.LATEST_TIMESTAMP:
-            offset, ts = lg.log_end_offset, -1
+            offset, ts = self.w.replication.high_watermark(part), -1  # Kafka: the latest a consumer may read
         else:
             found = lg.offset_for_timestamp(req.timestamp_ms)
             offset, ts = (-1, -1) if found is None else (found, req.timestamp_ms)
@@ -265,3 +293,14 @@ class RequestHandler:
             committed = self.partition(req.topic, p).groups.get(req.group)
             rows.append((p, -1 if committed is None else committed))
         return wire.OffsetFetchReply(tuple(rows), req.correlation_id).encode()
+
+
+def _below(data: bytes, high_watermark: int) -> bytes:
+    """The whole batches of `data` that end below the high watermark (consumers never see
+    what not every in-sync replica holds)."""
+    end = 0
+    for pos, header in batch_codec.iter_batches(data):
+        if header.last_offset >= high_watermark:
+            break
+        end = pos + header.size_bytes
+    return data[:end]

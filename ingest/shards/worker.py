@@ -35,6 +35,7 @@ from ingest.shards.probe import Probe
 from ingest.shards.producer_state import InvalidProducerEpochError, OutOfOrderSequenceError
 from ingest.shards.requests import RequestHandler
 from ingest.streams.runtime import StreamsRuntime
+from ingest.replication.worker import WorkerReplication
 from ingest.topics import owner_of, raw_listener_of
 from ingest.uplink.task import WorkerUplinks
 
@@ -122,6 +123,7 @@ class Worker:
         self.requests = RequestHandler(self)
         self.uplinks = WorkerUplinks(config.uplinks, worker_id, self.probe, config.server.data_dir)
         self.streams = StreamsRuntime(self)  # processors of partitions owned here
+        self.replication = WorkerReplication(self)
         self._ppid = os.getppid()
 
     # ---- start-up ----------------------------------------------------------------------
@@ -198,8 +200,16 @@ class Worker:
                 if self.pull is not None:  # later topics may bring raw listeners
                     self._bind_raw_listeners()
                 self._release_parked()
+                if "replication" in msg:
+                    self.replication.apply(msg["replication"])
+            elif msg["t"] == "replication":
+                self.replication.apply(msg["replication"])
             elif msg["t"] == "shutdown":
                 self.stopping = True
+
+    def report_fenced(self, leader_epoch: int) -> None:
+        """A follower knows a newer leader epoch: tell the supervisor (it demotes us)."""
+        self._send_control({"t": "fenced", "leader_epoch": leader_epoch})
 
     def request_topic(self, topic: str) -> None:
         self._send_control({"t": "create_topic", "topic": topic})
@@ -246,8 +256,9 @@ class Worker:
 
     def append(self, part: Partition, batch, header, t_ms: int) -> tuple[int, int, bool]:
         """Append to a partition; maps refusals and disk errors to IngestError codes."""
+        self.replication.check_leader(part.index)
         try:
-            result = part.append(batch, header, t_ms)
+            result = part.append(batch, header, t_ms, self.replication.append_epoch())
         except RecordBatchTooLargeError as e:
             self.probe.invalid("too_large")
             raise IngestError(ErrorCode.MESSAGE_TOO_LARGE, str(e), part.index) from None
@@ -385,7 +396,8 @@ class Worker:
         t = now_ms()
         gauges = []
         for part in self.partitions.values():
-            gauges += part.gauges(t)
+            gauges += part.gauges(t, self.replication.high_watermark(part))
+        gauges += self.replication.gauges(t)
         worker = {"worker": str(self.worker_id)}
         active = len({pid for part in self.partitions.values()
                       for pid in part.producers.active_ids(t - ACTIVE_PRODUCER_WINDOW_MS)})
@@ -412,7 +424,8 @@ class Worker:
             t = mono_ms()
             timeout = min(self.next_flush_in_ms(), self.requests.next_deadline_in_ms(t),
                           self._linger_wait_ms(t), self.uplinks.wait_ms(t, heartbeat_ms),
-                          self.streams.wait_ms(heartbeat_ms))
+                          self.streams.wait_ms(heartbeat_ms),
+                          self.replication.next_deadline_in_ms(t))
             events = dict(self.poller.poll(timeout))
             for sock in self.inboxes:
                 if sock in events:
@@ -431,6 +444,7 @@ class Worker:
                 self.requests.release_durable_acks()
             self.requests.serve_waiting(mono_ms())
             self.uplinks.pump(mono_ms())
+            self.replication.step(events)
             t = mono_ms()
             if t >= next_heartbeat:
                 self.heartbeat()
@@ -470,6 +484,7 @@ class Worker:
                 self.exit_code = 1
         for sock in self.forward.values():
             sock.close()
+        self.replication.close()
         self.flusher.close()
         self.router.close(linger=200)
         self.control.close()
