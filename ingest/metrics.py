@@ -77,6 +77,13 @@ CATALOG = {
     "processor_output_records_total": ("counter", "Records the processor appended to its sink."),
     "processor_late_records_total": ("counter", "Records that arrived after a window they belong to had closed (not aggregated there)."),
     "processor_invalid_records_total": ("counter", "Source records whose fields could not be read (left out)."),
+    # [replication] (ingest/replication): a leader's in-sync replicas, a follower's lag.
+    "partition_in_sync_replicas": ("gauge", "Replicas in the partition's in-sync set, the leader included (leader only)."),
+    "under_replicated_partitions": ("gauge", "Led partitions with fewer in-sync replicas than appliances, per worker."),
+    "replica_lag_records": ("gauge", "Records a follower replica is behind the leader's log end, by replica."),
+    "replica_lag_seconds": ("gauge", "Time since a follower replica was last caught up with the leader (0 when it is)."),
+    "leader_epoch": ("gauge", "Leader epoch this appliance leads or follows, per worker."),
+    "replication_is_leader": ("gauge", "1 if this appliance is the replication leader, 0 if a follower, per worker."),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 

@@ -67,7 +67,7 @@ class WorkerReplication:
         "leader": {"routers": [...]} or None}."""
         if not self.enabled:
             return
-        was_leader, old_epoch = self.is_leader, self.leader_epoch
+        was_leader, old_epoch = self.is_leader and self.replica_id != "", self.leader_epoch
         self.is_leader = doc["role"] == "leader"
         self.leader_epoch = int(doc["leader_epoch"])
         self.replica_id = doc["replica_id"]
@@ -114,6 +114,9 @@ class WorkerReplication:
         if not self.enabled:
             return part.log.log_end_offset
         if self.is_leader:
+            # Up to date at every read: with no follower in sync it is the log end at once.
+            if self.tracker.update_high_watermark(part, mono_ms()):
+                self.w.acks_releasable = True
             return self.tracker.high_watermark(part)
         return self.fetcher.high_watermark((part.topic, part.index), part) if self.fetcher else part.log.log_start_offset
 
