@@ -229,7 +229,7 @@ class Supervisor:
             elif kind == "heartbeat":
                 w.status = msg.get("status", {})
                 self.store.update(w.worker_id, w.incarnation, msg.get("metrics", {}))
-            elif kind == "create_topic":
+            elif kind == "create_topic" and self.replication.may_create_topics():
                 self._create_topic(msg["topic"], self.config.partitions_default)
             elif kind == "fenced" and self.replication.fenced(msg["leader_epoch"]):
                 self._broadcast_replication()
@@ -308,6 +308,8 @@ class Supervisor:
         if isinstance(request, wire.MetadataRequest):
             return wire.MetadataReply(self.metadata(), request.correlation_id).encode()
         if isinstance(request, wire.CreateTopicRequest):
+            if not self.replication.may_create_topics():
+                raise IngestError(ErrorCode.NOT_LEADER, "topics are created on the leader appliance")
             raw_port = request.config.get("raw_port")
             try:
                 created = self._create_topic(request.topic, request.partitions or self.config.partitions_default,

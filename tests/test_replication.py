@@ -3,6 +3,7 @@ own data directory and ports, both real `ingest serve` process groups."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest import Consumer, Producer
 from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.replication.epochs import CHECKPOINT_FILE
@@ -261,6 +263,15 @@ def test_unreplicated_writes_of_an_old_leader_are_never_seen_and_truncated_when_
         assert isinstance(reply, wire.ProduceReply) and reply.base_offset == 5, reply
 
     leader.start()
+    # Clients that list both appliances follow the leader through metadata, even with
+    # the old leader (a follower now) listed first.
+    both = f"{leader.bootstrap},{follower.bootstrap}"
+    with Producer(both, acks="fsync") as producer:
+        assert producer.send(TOPIC, b"via-metadata", partition=0).result(timeout=30) == (0, 6)
+    with Consumer(both, TOPIC, from_beginning=True) as consumer:
+        seen = [r.value for r in itertools.islice(consumer.records(idle_timeout_ms=10_000), 13)]
+    assert sorted(seen) == sorted([b"replicated-%d-%d" % (p, i) for p in range(PARTITIONS) for i in range(5)]
+                                  + [b"new-leader-0", b"new-leader-1", b"via-metadata"])
     assert eventually(lambda: _caught_up(follower, leader), timeout_s=30)
     follower.stop()
     leader.stop()
@@ -268,4 +279,5 @@ def test_unreplicated_writes_of_an_old_leader_are_never_seen_and_truncated_when_
         assert _segment_bytes(leader, p) == _segment_bytes(follower, p)
         values = [r.value for pos, _ in batch_codec.iter_batches(_segment_bytes(leader, p))
                   for r in batch_codec.decode_batch(_segment_bytes(leader, p), pos)[1]]
-        assert values == [b"replicated-%d-%d" % (p, i) for i in range(5)] + [b"new-leader-%d" % p]
+        assert values == ([b"replicated-%d-%d" % (p, i) for i in range(5)] + [b"new-leader-%d" % p]
+                          + ([b"via-metadata"] if p == 0 else []))

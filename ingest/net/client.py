@@ -129,6 +129,11 @@ class BootstrapClient:
 
     Each call sends one request and waits up to ``timeout_ms`` for its reply; silence
     raises UnreachableError, an error reply raises IngestError with its code.
+
+    ``bootstrap`` may list several appliances of a replicated set, comma-separated
+    (Kafka's bootstrap.servers): ``metadata()`` then asks each and answers with the
+    document of the leader of the newest leader epoch, and later requests go to it. So a
+    client follows a promotion through metadata.
     """
 
     def __init__(self, bootstrap: str = DEFAULT_BOOTSTRAP, timeout_ms: int = BOOTSTRAP_TIMEOUT_MS,
@@ -136,6 +141,8 @@ class BootstrapClient:
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be > 0, not {timeout_ms}")
         self.endpoint = bootstrap
+        self._endpoints = [e.strip() for e in bootstrap.split(",") if e.strip()] or [bootstrap]
+        self._current = self._endpoints[0]
         self.timeout_ms = timeout_ms
         self._own_context = context is None
         self._context = context or zmq.Context()
@@ -152,16 +159,41 @@ class BootstrapClient:
         self.close()
 
     def metadata(self) -> dict:
-        """The appliance's metadata document (see docs/PROTOCOL.md, section 1)."""
-        return self.request(wire.MetadataRequest()).document
+        """The appliance's metadata document (see docs/PROTOCOL.md, section 1); of the
+        current leader when several appliances are listed."""
+        if len(self._endpoints) == 1:
+            return self.request(wire.MetadataRequest()).document
+        best, unreachable = None, None
+        for endpoint in self._endpoints:
+            self._use(endpoint)
+            try:
+                document = self.request(wire.MetadataRequest()).document
+            except UnreachableError as error:
+                unreachable = error
+                continue
+            rank = _leader_rank(document)
+            if best is None or rank > best[0]:
+                best = (rank, endpoint, document)
+        if best is None:
+            raise unreachable
+        self._use(best[1])
+        return best[2]
+
+    def _use(self, endpoint: str) -> None:
+        with self._lock:
+            if endpoint != self._current and self._socket is not None:
+                self._socket.close()
+                self._socket = None
+            self._current = endpoint
 
     def create_topic(self, topic: str, partitions: int | None = None,
                      config: dict | None = None) -> dict:
         """Create ``topic`` (``partitions`` None: the appliance's default count); returns
         the reply document, which holds the metadata with the topic in it. Creating a
         topic that exists with the same count is not an error."""
-        if partitions is None:
-            partitions = Metadata.parse(self.metadata()).default_partitions
+        if partitions is None or len(self._endpoints) > 1:  # metadata() picks the leader
+            metadata = Metadata.parse(self.metadata())
+            partitions = partitions or metadata.default_partitions
         return self.request(wire.CreateTopicRequest(topic, partitions, config or {})).document
 
     def ping(self) -> float:
@@ -185,7 +217,7 @@ class BootstrapClient:
     def _connected(self) -> zmq.Socket:
         if self._socket is None:
             self._socket = configure(self._context.socket(zmq.DEALER))
-            self._socket.connect(self.endpoint)
+            self._socket.connect(self._current)
         return self._socket
 
     def _await_reply(self, sock: zmq.Socket, correlation_id: int):
@@ -197,7 +229,7 @@ class BootstrapClient:
                 # start over on a fresh socket.
                 sock.close()
                 self._socket = None
-                raise UnreachableError(self.endpoint, self.timeout_ms)
+                raise UnreachableError(self._current, self.timeout_ms)
             try:
                 reply = wire.decode_reply(sock.recv())
             except WireError:
@@ -213,6 +245,14 @@ class BootstrapClient:
             if self._own_context:
                 self._context.term()
                 self._own_context = False
+
+
+def _leader_rank(document: dict) -> tuple[int, int]:
+    """Orders METADATA documents: a leader before a follower, then the newer epoch.
+    An appliance without replication counts as a leader of epoch 0."""
+    replication = document.get("replication") or {}
+    is_leader = replication.get("role", "leader") == "leader"
+    return (1 if is_leader else 0, int(replication.get("leader_epoch", 0)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -597,7 +597,8 @@ class Consumer:
                           wire.ListOffsetsRequest(self.topic, cursor.partition, wire.EARLIEST_TIMESTAMP),
                           lambda reply, c=cursor, e=epoch: self._on_reset(c, e, reply))
         elif error.code in RETRIABLE:
-            if error.code in (ErrorCode.NOT_OWNER, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION):
+            if error.code in (ErrorCode.NOT_OWNER, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, ErrorCode.NOT_LEADER,
+                              ErrorCode.FENCED_LEADER_EPOCH):
                 self._refresh_metadata()
             cursor.retry_at_s = time.monotonic() + cursor.backoff_ms / 1000
             cursor.backoff_ms = min(2 * cursor.backoff_ms, RETRY_BACKOFF_MAX_MS)

@@ -56,7 +56,8 @@ EXPIRE_INTERVAL_MS = 10
 PUSH_SNDHWM_FRAMES = 16
 
 NEW_PRODUCER_ID = frozenset({ErrorCode.OUT_OF_ORDER_SEQUENCE, ErrorCode.INVALID_PRODUCER_EPOCH})
-REFRESH_METADATA = frozenset({ErrorCode.NOT_OWNER, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION})
+REFRESH_METADATA = frozenset({ErrorCode.NOT_OWNER, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, ErrorCode.NOT_LEADER,
+                              ErrorCode.FENCED_LEADER_EPOCH})
 
 
 class _PartitionState:

@@ -173,6 +173,10 @@ class SupervisorReplication:
         self._save(Role("follower", leader_epoch))
         return True
 
+    def may_create_topics(self) -> bool:
+        """A follower takes its topics from the leader only."""
+        return not self.enabled or self.role.is_leader
+
     def worker_doc(self) -> dict:
         leader = {"routers": list(self.leader.routers)} if self.leader else None
         return {"role": self.role.role, "leader_epoch": self.role.leader_epoch,
