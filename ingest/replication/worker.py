@@ -265,15 +265,17 @@ class WorkerReplication:
     # ---- metrics -----------------------------------------------------------------------
 
     def gauges(self, t_wall_ms: int) -> list[tuple[str, dict, float]]:
-        if not self.enabled:
-            return []
+        """Per partition: in-sync replicas (leader) or lag (follower); per worker: role,
+        epoch, under-replicated partitions. A lone appliance is a replica set of one."""
         t = mono_ms()
         rows = []
         under = 0
         replicas = len(self.settings.peers) + 1
         for key, part in self.w.partitions.items():
             labels = {"topic": key[0], "partition": str(key[1])}
-            if self.is_leader:
+            if not self.enabled:
+                rows.append(("partition_in_sync_replicas", labels, 1))
+            elif self.is_leader:
                 in_sync = self.tracker.in_sync_count(part, t)
                 under += in_sync < replicas
                 rows.append(("partition_in_sync_replicas", labels, in_sync))
