@@ -23,7 +23,6 @@ import zmq
 
 from ingest.net import wire
 from ingest.net.errors import ErrorCode
-from ingest.shards import batch as batch_codec
 
 log = logging.getLogger("ingest.replication")
 
