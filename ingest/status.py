@@ -52,7 +52,9 @@ def render(meta: dict, now: Samples, before: Samples | None, interval_s: float, 
     size = _by(now, "ingest_disk_size_bytes").get((), 0.0)
     full = any(v for v in _by(now, "ingest_disk_full", "worker").values())
     lines = [f"appliance {meta['appliance_id']}  bootstrap {bootstrap}  metrics {meta.get('metrics')}",
-             f"disk: {_bytes(free)} free of {_bytes(size)}" + ("  DISK FULL" if full else ""), ""]
+             f"disk: {_bytes(free)} free of {_bytes(size)}" + ("  DISK FULL" if full else "")]
+    lines += _replication_line(meta, now)
+    lines.append("")
     cpu = _by(now, "ingest_worker_cpu_seconds_total", "worker")
     cpu_before = _by(before, "ingest_worker_cpu_seconds_total", "worker") if before else {}
     rss = _by(now, "ingest_worker_resident_memory_bytes", "worker")
@@ -70,6 +72,21 @@ def render(meta: dict, now: Samples, before: Samples | None, interval_s: float, 
         lines.append("")
         lines += _table(["GROUP", "TOPIC", "PART", "LAG", "LAG SECONDS"], lag_rows)
     return "\n".join(lines)
+
+
+def _replication_line(meta: dict, now: Samples) -> list[str]:
+    """Role, leader epoch, peers and the worst in-sync count (replicated appliances)."""
+    repl = meta.get("replication") or {}
+    if not repl.get("peers"):
+        return []
+    line = f"replication: {repl['role']} at leader epoch {repl['leader_epoch']}, peers {', '.join(repl['peers'])}"
+    if repl["role"] == "leader":
+        in_sync = _by(now, "ingest_partition_in_sync_replicas", "topic", "partition").values()
+        under = sum(_by(now, "ingest_under_replicated_partitions", "worker").values())
+        line += f"; in-sync replicas min {int(min(in_sync, default=1))}, {int(under)} under-replicated"
+    elif repl.get("leader"):
+        line += f"; following {repl['leader']}"
+    return [line]
 
 
 def _rates(now: Samples, before: Samples | None, interval_s: float) -> dict[tuple, float]:

@@ -59,6 +59,13 @@ def pair(tmp_path):
         app.kill()
 
 
+def _start_both(*apps: Appliance) -> None:
+    for app in apps:
+        app.start(wait=False)
+    for app in apps:
+        app.wait_ready()
+
+
 def _role(app: Appliance) -> dict:
     return app.metadata()["replication"]
 
@@ -170,8 +177,7 @@ class AcksAllSender(threading.Thread):
 
 def test_acks_all_records_survive_kill_9_of_the_leader_exactly_once_and_the_old_leader_is_fenced(pair):
     leader, follower = pair
-    leader.start()
-    follower.start()
+    _start_both(leader, follower)
     assert _role(leader)["role"] == "leader" and _role(follower)["role"] == "follower"
     create_topic(leader, TOPIC, PARTITIONS)
     assert eventually(lambda: TOPIC in follower.metadata()["topics"], timeout_s=10)
@@ -218,6 +224,9 @@ def test_acks_all_records_survive_kill_9_of_the_leader_exactly_once_and_the_old_
     assert isinstance(refused, wire.ErrorReply) and refused.error_code == ErrorCode.NOT_LEADER
     assert eventually(lambda: _caught_up(follower, leader), timeout_s=30)
     assert eventually(lambda: _in_sync(follower, 2), timeout_s=20)  # back in the in-sync set
+    status = subprocess.run([sys.executable, "-m", "ingest.cli", "status", "--bootstrap", follower.bootstrap],
+                            capture_output=True, text=True, timeout=30).stdout
+    assert "replication: leader at leader epoch 1" in status and "in-sync replicas min 2" in status, status
     follower.stop()
     leader.stop()
     for p in range(PARTITIONS):
@@ -228,8 +237,7 @@ def test_acks_all_records_survive_kill_9_of_the_leader_exactly_once_and_the_old_
 
 def test_unreplicated_writes_of_an_old_leader_are_never_seen_and_truncated_when_it_returns(pair):
     leader, follower = pair
-    leader.start()
-    follower.start()
+    _start_both(leader, follower)
     create_topic(leader, TOPIC, PARTITIONS)
     assert eventually(lambda: _in_sync(leader, 2), timeout_s=20), leader.metrics_text()
     for p in range(PARTITIONS):

@@ -10,7 +10,7 @@ from ingest.replication.epochs import CHECKPOINT_FILE, NO_EPOCH, LeaderEpochCach
 from ingest.replication.leader import LeaderTracker
 from ingest.replication.peers import PeerLeader, decide
 from ingest.replication.role import Role
-from ingest.replication.truncate import truncate_log_dir
+from ingest.replication.truncate import restart_log_dir, truncate_log_dir
 from ingest.shards import batch as batch_codec
 from ingest.shards.log import Log, LogConfig
 
@@ -112,3 +112,16 @@ def test_replication_replies_round_trip_and_malformed_ones_are_refused():
         wire.decode_request(bytes(frame[:-1]) + b"/")  # a replica id outside the name charset
     with pytest.raises(wire.WireError):
         wire.ReplicaFetchRequest("t", 0, 0, 100, 0, -2, "a").encode()
+
+
+def test_a_log_restarted_at_the_leaders_log_start_is_empty_there_and_appends_follow_on(tmp_path):
+    _log_with_batches(tmp_path, batches=3, per_batch=10, segment_bytes=1 << 20)
+    (tmp_path / CHECKPOINT_FILE).write_text("0\n1\n0 0\n")
+    restart_log_dir(tmp_path, 500)
+    log = Log(tmp_path, LogConfig())
+    assert (log.log_start_offset, log.log_end_offset) == (500, 500)
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+    batch = bytearray(batch_codec.encode_batch([batch_codec.Record(0, 1, None, b"x")]))
+    batch[:8] = (500).to_bytes(8, "big")  # a replicated batch carries its offset
+    assert log.append(bytes(batch)) == (500, 500)
+    log.close()

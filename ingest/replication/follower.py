@@ -26,7 +26,7 @@ from ingest.net.errors import ErrorCode
 
 log = logging.getLogger("ingest.replication")
 
-CHECK_EPOCH, EPOCH_SENT, TRUNCATE, READY, FETCH_SENT, FLUSHING, BACKOFF = range(7)
+CHECK_EPOCH, EPOCH_SENT, TRUNCATE, READY, FETCH_SENT, FLUSHING, BACKOFF, RESTART = range(8)
 # A request unanswered this long past its long-poll wait is given up (the leader died, or
 # the reply was lost with a dropped connection) and sent again.
 REQUEST_TIMEOUT_MS = 2_000
@@ -103,8 +103,8 @@ class Fetcher:
                 state.state = CHECK_EPOCH
             if state.state == FLUSHING and part.log.flushed_offset >= part.log.log_end_offset:
                 state.state = READY
-            if state.state == TRUNCATE and part not in self.w.flusher.in_flight:
-                self.w.replication.truncate(part, state.truncate_to)
+            if state.state in (TRUNCATE, RESTART) and part not in self.w.flusher.in_flight:
+                self.w.replication.truncate(part, state.truncate_to, restart=state.state == RESTART)
                 state.state = READY
                 part = self.w.partitions[key]
             if state.state == CHECK_EPOCH:
@@ -176,6 +176,12 @@ class Fetcher:
                 other.state = CHECK_EPOCH
             return
         part = self.w.partitions[key]
+        if part.log.log_end_offset < reply.log_start_offset:
+            log.warning("%s-%d: the leader's log starts at %d, after ours ends (%d): starting over there",
+                        key[0], key[1], reply.log_start_offset, part.log.log_end_offset)
+            state.truncate_to = reply.log_start_offset
+            state.state = RESTART
+            return
         appended = self.w.replication.append_fetched(part, reply.records)
         state.leader_end_offset = reply.log_end_offset
         state.leader_high_watermark = reply.high_watermark

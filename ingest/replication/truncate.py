@@ -66,3 +66,22 @@ def _remove_segment(directory: Path, base: int) -> None:
             os.unlink(directory / segment_file_name(base, suffix))
         except FileNotFoundError:
             pass
+
+
+def restart_log_dir(directory: Path, offset: int) -> None:
+    """Replace the closed log in `directory` by an empty one that starts at `offset`: a
+    follower further behind than the leader's retention (Kafka's
+    truncateFullyAndStartAt). Producer state and epochs go with the records."""
+    directory = Path(directory)
+    for path in directory.iterdir():
+        if parse_segment_file_name(path.name) is not None:
+            _remove_segment(directory, parse_segment_file_name(path.name))
+    for name in (CLEAN_SHUTDOWN_FILE, "producer-state.json", "leader-epoch-checkpoint"):
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+    fd = os.open(directory / segment_file_name(offset, LOG_SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    fsync_directory(directory)
+    log.warning("%s: restarted empty at offset %d (the leader no longer has what came before)", directory, offset)

@@ -24,7 +24,7 @@ from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.replication.follower import Fetcher
 from ingest.replication.leader import READY, WAIT, LeaderTracker  # noqa: F401 (re-exported)
-from ingest.replication.truncate import truncate_log_dir
+from ingest.replication.truncate import restart_log_dir, truncate_log_dir
 from ingest.shards import batch as batch_codec
 from ingest.shards.partition import Partition
 from ingest.shards.requests import error_reply
@@ -173,6 +173,11 @@ class WorkerReplication:
 
     def _fetch_reply(self, request, part) -> bytes:
         lg = part.log
+        if request.offset < lg.log_start_offset:
+            # Retention deleted what the follower needs next: the reply's log start tells
+            # it where to start over.
+            return wire.ReplicaFetchReply(request.partition, self.tracker.high_watermark(part), lg.log_start_offset,
+                                          lg.log_end_offset, self.leader_epoch, b"", request.correlation_id).encode()
         try:
             data = lg.read(request.offset, request.max_bytes)
         except OffsetOutOfRangeError as e:
@@ -219,12 +224,17 @@ class WorkerReplication:
             appended += 1
         return appended
 
-    def truncate(self, part, offset: int) -> None:
-        """Cut a partition's log back to `offset` (closed, cut, reopened)."""
+    def truncate(self, part, offset: int, restart: bool = False) -> None:
+        """Cut a partition's log back to `offset`, or with `restart` replace it by an empty
+        log starting there (closed, changed, reopened by a recovery scan)."""
         key = (part.topic, part.index)
         self.w.dirty.discard(part)
         part.close()
-        end = truncate_log_dir(part.directory, offset)
+        if restart:
+            restart_log_dir(part.directory, offset)
+            end = offset
+        else:
+            end = truncate_log_dir(part.directory, offset)
         reopened = Partition(self.w.config.server.data_dir, part.topic, part.index, self.w.config.storage, now_ms())
         assert reopened.log.log_end_offset == end, (reopened.log.log_end_offset, end)
         reopened.epochs.truncate_from_end(end)
