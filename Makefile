@@ -93,3 +93,4 @@ test-deps:
 	sh tests/systemd/install-deps.sh
 	sh tests/deploy-deps.sh
 	sh tests/device-deps.sh
+	sh tests/replication-deps.sh
