@@ -78,13 +78,15 @@ class PeerWatcher(threading.Thread):
         self._latest: dict[str, dict | None] = {}
         self._fresh = False
         self._stop = threading.Event()
+        # One client per peer for the watcher's life (a client starts over on a fresh
+        # socket after a timeout by itself).
+        self._clients = {url: BootstrapClient(url, timeout_ms=PEER_TIMEOUT_MS) for url in peers}
 
     def ask_all(self) -> dict[str, dict | None]:
         answers = {}
-        for url in self.peers:
+        for url, client in self._clients.items():
             try:
-                with BootstrapClient(url, timeout_ms=PEER_TIMEOUT_MS) as client:
-                    answers[url] = client.metadata()
+                answers[url] = client.metadata()
             except (IngestError, OSError) as e:
                 log.debug("peer %s: %s", url, e)
                 answers[url] = None
@@ -95,6 +97,8 @@ class PeerWatcher(threading.Thread):
             answers = self.ask_all()
             with self._lock:
                 self._latest, self._fresh = answers, True
+        for client in self._clients.values():
+            client.close()
 
     def take(self) -> dict[str, dict | None] | None:
         """The answers of the latest round, once; None if no new round finished."""
