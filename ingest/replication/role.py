@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from ingest.config import ConfigError
 from ingest.topics import write_atomically
 
 ROLE_FILE = "replication.json"
@@ -39,7 +40,7 @@ def load(data_dir: Path, configured_role: str) -> Role:
     except FileNotFoundError:
         return Role(configured_role, 0)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}): restore it or remove it to start "
+        raise ConfigError(f"{path} is unreadable ({e}): restore it or remove it to start "
                          f"with the configured role") from None
 
 
