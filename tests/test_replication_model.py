@@ -125,3 +125,13 @@ def test_a_log_restarted_at_the_leaders_log_start_is_empty_there_and_appends_fol
     batch[:8] = (500).to_bytes(8, "big")  # a replicated batch carries its offset
     assert log.append(bytes(batch)) == (500, 500)
     log.close()
+
+
+def test_a_peer_whose_metadata_is_not_usable_counts_as_no_leader():
+    from ingest.replication.peers import leader_of
+    assert leader_of("tcp://p:1", None) is None
+    assert leader_of("tcp://p:1", {"replication": {"role": "follower"}}) is None
+    assert leader_of("tcp://p:1", {"replication": {"role": "leader"}, "workers": [{"id": "x"}]}) is None
+    peer = leader_of("tcp://p:1", {"replication": {"role": "leader", "leader_epoch": 4}, "appliance_id": "b",
+                                   "workers": [{"id": 1, "router": "r1"}, {"id": 0, "router": "r0"}]})
+    assert (peer.leader_epoch, peer.routers) == (4, ("r0", "r1"))

@@ -48,9 +48,13 @@ def leader_of(url: str, doc: dict | None) -> PeerLeader | None:
     repl = doc.get("replication") or {}
     if repl.get("role") != "leader":
         return None
-    workers = sorted(doc.get("workers", []), key=lambda w: int(w["id"]))
-    return PeerLeader(url, int(repl.get("leader_epoch", 0)), str(doc.get("appliance_id", "")),
-                      tuple(str(w["router"]) for w in workers), dict(doc.get("topics", {})))
+    try:
+        workers = sorted(doc.get("workers", []), key=lambda w: int(w["id"]))
+        return PeerLeader(url, int(repl.get("leader_epoch", 0)), str(doc.get("appliance_id", "")),
+                          tuple(str(w["router"]) for w in workers), dict(doc.get("topics", {})))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.error("peer %s: METADATA not usable (%r): ignored", url, e)
+        return None
 
 
 def decide(own: Role, appliance_id: str, leaders: list[PeerLeader]) -> tuple[Role, PeerLeader | None]:
