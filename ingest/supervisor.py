@@ -258,7 +258,10 @@ class Supervisor:
         if self.replication.poll():
             self._broadcast_replication()
         for name, partitions in self.replication.topics_to_create(self.topics.as_dict()):
-            self._create_topic(name, partitions)
+            try:
+                self._create_topic(name, partitions)
+            except (ConfigError, ValueError) as e:
+                log.error("the leader's topic %r cannot be created here: %s", name, e)
 
     def _create_topic(self, name: str, partitions: int, raw_port: int | None = None) -> bool:
         created = self.topics.create(TopicConfig(name, partitions, raw_port))

@@ -202,7 +202,11 @@ class SupervisorReplication:
         """A follower has the leader's topics, with the same partition counts."""
         if not self.leader or self.role.is_leader:
             return []
-        return [(name, int(t["partitions"])) for name, t in self.leader.topics.items() if name not in known]
+        wanted = []
+        for name, t in self.leader.topics.items():
+            if name not in known and isinstance(t, dict) and isinstance(t.get("partitions"), int):
+                wanted.append((name, t["partitions"]))
+        return wanted
 
     def close(self) -> None:
         if self.watcher:
