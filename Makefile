@@ -87,7 +87,8 @@ install:
 # Debian packages the tests start for real (root; each script installs only what is missing):
 # systemd, systemd-container and debootstrap for tests/test_systemd.py, prometheus and
 # promtool for tests/test_deploy.py, a C toolchain, libzmq3-dev and mosquitto for
-# tests/test_device.py and tests/test_mqtt_bridge.py.
+# tests/test_device.py and tests/test_mqtt_bridge.py, iproute2 for
+# tests/test_replication_netns.py.
 .PHONY: test-deps
 test-deps:
 	sh tests/systemd/install-deps.sh
