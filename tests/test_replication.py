@@ -253,6 +253,15 @@ def test_unreplicated_writes_of_an_old_leader_are_never_seen_and_truncated_when_
         assert isinstance(reply, wire.ProduceReply) and reply.base_offset == 5
         # Consumers read below the high watermark: not what only the leader has.
         assert _visible(leader, p) == [b"replicated-%d-%d" % (p, i) for i in range(5)]
+    # Not even after kill -9 of the worker that leads partition 0: the restarted worker
+    # resumes the high watermark and in-sync set of its checkpoint.
+    checkpoint = leader.data_dir / f"{TOPIC}-0" / "high-watermark-checkpoint"
+    assert eventually(lambda: checkpoint.exists() and b'"high_watermark":5' in checkpoint.read_bytes(), timeout_s=15)
+    killed = leader.worker_pids()[0]
+    os.kill(killed, signal.SIGKILL)
+    assert eventually(lambda: leader.worker_pids()[0] not in (None, killed)
+                      and all(w["up"] for w in leader.metadata()["workers"]), timeout_s=60)
+    assert _visible(leader, 0) == [b"replicated-0-%d" % i for i in range(5)]
     # acks=all neither hangs nor lies: once the follower has been out of sync for
     # replica_lag_max_ms, the reply is NOT_ENOUGH_REPLICAS.
     started = time.monotonic()

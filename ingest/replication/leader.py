@@ -9,6 +9,11 @@
   fetching) leaves the in-sync set (ISR) by itself; it rejoins once it is caught up.
 - High watermark: the smallest offset every in-sync replica holds (the leader's own log
   end included); it never moves back. Consumers read only below it.
+- A restarted leader worker starts from its checkpoint (Kafka's replication-offset-
+  checkpoint): the high watermark and the in-sync followers of its last checkpoint, each
+  counted as caught up now at that high watermark. So a restart does not show consumers
+  what only the leader holds; a follower that does not come back leaves after
+  replica_lag_max_ms as usual.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ class LeaderTracker:
             # from the ISR the controller hands over; here there is no controller).
             state = self.partitions[key] = PartitionReplicas(high_watermark=part.log.log_end_offset)
         return state
+
+    def restore(self, part, high_watermark: int, in_sync: list[str], now_ms: int) -> None:
+        """Start a partition from a checkpoint of this same leader epoch."""
+        hw = max(part.log.log_start_offset, min(high_watermark, part.log.log_end_offset))
+        followers = {replica_id: FollowerProgress(offset=hw, last_caught_up_ms=now_ms) for replica_id in in_sync}
+        self.partitions[(part.topic, part.index)] = PartitionReplicas(followers, hw)
+
+    def checkpoint(self, part, now_ms: int) -> tuple[int, list[str]]:
+        """(high watermark, in-sync follower ids) to write down."""
+        state = self._state(part)
+        return state.high_watermark, sorted(r for r, f in state.followers.items() if self.in_sync(f, now_ms))
 
     def in_sync(self, progress: FollowerProgress, now_ms: int) -> bool:
         return progress.last_caught_up_ms >= 0 and now_ms - progress.last_caught_up_ms <= self.replica_lag_max_ms

@@ -22,6 +22,7 @@ from ingest.clock import mono_ms, now_ms
 from ingest.errors import CorruptDataError, OffsetOutOfRangeError
 from ingest.net import wire
 from ingest.net.errors import ErrorCode, IngestError
+from ingest.replication import checkpoint
 from ingest.replication.follower import Fetcher
 from ingest.replication.leader import READY, WAIT, LeaderTracker  # noqa: F401 (re-exported)
 from ingest.replication.truncate import restart_log_dir, truncate_log_dir
@@ -59,6 +60,8 @@ class WorkerReplication:
         self.fetcher: Fetcher | None = None
         self.parked: list[ParkedFetch] = []
         self._next_isr_check_ms = 0
+        self._next_checkpoint_ms = 0
+        self._checkpointed: dict[tuple[str, int], tuple[int, list[str]]] = {}
 
     # ---- role --------------------------------------------------------------------------
 
@@ -79,6 +82,7 @@ class WorkerReplication:
             if not was_leader or old_epoch != self.leader_epoch:
                 log.info("worker %d: leader at epoch %d", self.w.worker_id, self.leader_epoch)
                 self.tracker.reset()
+                self._restore_checkpoints()
         else:
             if was_leader:
                 log.warning("worker %d: now a follower at epoch %d", self.w.worker_id, self.leader_epoch)
@@ -90,6 +94,27 @@ class WorkerReplication:
             if self.fetcher is None and leader is not None:
                 self.fetcher = Fetcher(self.w, leader, self.leader_epoch, self.replica_id, mono_ms())
         self.leader = leader
+
+    def _restore_checkpoints(self) -> None:
+        """A leader worker restarted within its epoch resumes its high watermark and
+        in-sync set (see leader.py); a new epoch starts afresh."""
+        self._checkpointed.clear()
+        for part in self.w.partitions.values():
+            found = checkpoint.load(part.directory, self.leader_epoch)
+            if found is not None:
+                self.tracker.restore(part, *found, mono_ms())
+
+    def _save_checkpoints(self, t_ms: int) -> None:
+        for key, part in self.w.partitions.items():
+            current = self.tracker.checkpoint(part, t_ms)
+            if self._checkpointed.get(key) == current:
+                continue
+            try:
+                checkpoint.save(part.directory, self.leader_epoch, *current)
+            except OSError as e:  # an optimisation (e.g. a full disk): the next one retries
+                log.warning("%s-%d: high-watermark checkpoint failed: %s", key[0], key[1], e)
+                continue
+            self._checkpointed[key] = current
 
     def _fail_leader_work(self) -> None:
         error = IngestError(ErrorCode.NOT_LEADER, "this appliance is a follower now")
@@ -260,6 +285,9 @@ class WorkerReplication:
                         self.w.acks_releasable = True
                 if self.w.requests.pending:
                     self.w.acks_releasable = True  # an in-sync set may have shrunk: fail or release
+            if t >= self._next_checkpoint_ms:
+                self._next_checkpoint_ms = t + checkpoint.HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS
+                self._save_checkpoints(t)
             self._serve_parked(t)
 
     def next_deadline_in_ms(self, t_ms: int) -> int:
@@ -303,6 +331,8 @@ class WorkerReplication:
         return rows
 
     def close(self) -> None:
+        if self.enabled and self.is_leader:
+            self._save_checkpoints(mono_ms())
         if self.fetcher is not None:
             self.fetcher.close()
             self.fetcher = None
