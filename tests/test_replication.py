@@ -182,6 +182,10 @@ def test_acks_all_records_survive_kill_9_of_the_leader_exactly_once_and_the_old_
     create_topic(leader, TOPIC, PARTITIONS)
     assert eventually(lambda: TOPIC in follower.metadata()["topics"], timeout_s=10)
     assert eventually(lambda: _in_sync(leader, 2), timeout_s=20), leader.metrics_text()
+    # Only the configured peers fetch as followers: a client posing as one is refused.
+    impostor = wire.ReplicaFetchRequest(TOPIC, 0, 0, 1 << 20, 0, 0, "impostor")
+    refused = leader.request(leader.owner_router(0), impostor)
+    assert isinstance(refused, wire.ErrorReply) and refused.error_code == ErrorCode.INVALID_REQUEST, refused
 
     current = {"app": leader}
     senders = [AcksAllSender(lambda: current["app"], p, 1000 + p) for p in range(PARTITIONS)]

@@ -127,6 +127,9 @@ class SupervisorReplication:
         self.role = role_file.load(self.data_dir, settings.role)
         self.leader: PeerLeader | None = None
         self.watcher: PeerWatcher | None = None
+        # Appliance ids of the configured peers that answered: only they may fetch as
+        # followers (a client posing as one could otherwise make acks=all lie).
+        self.replica_ids: set[str] = set()
 
     def start(self) -> None:
         """Decide the role before any worker starts (a returning old leader must not take
@@ -149,7 +152,11 @@ class SupervisorReplication:
         new_role, leader = decide(self.role, self.appliance_id, leaders)
         if not new_role.is_leader and leader is None:
             leader = self.leader  # keep following the last known leader while none answers
-        changed = new_role != self.role or _endpoints(leader) != _endpoints(self.leader)
+        replica_ids = self.replica_ids | {str(doc["appliance_id"]) for doc in answers.values()
+                                          if isinstance(doc, dict) and doc.get("appliance_id")}
+        changed = (new_role != self.role or _endpoints(leader) != _endpoints(self.leader)
+                   or replica_ids != self.replica_ids)
+        self.replica_ids = replica_ids
         if new_role != self.role:
             if self.role.is_leader:
                 log.warning("replication: %s leads epoch %d (newer than ours, %d): becoming its follower",
@@ -188,7 +195,7 @@ class SupervisorReplication:
     def worker_doc(self) -> dict:
         leader = {"routers": list(self.leader.routers)} if self.leader else None
         return {"role": self.role.role, "leader_epoch": self.role.leader_epoch,
-                "replica_id": self.appliance_id, "leader": leader}
+                "replica_id": self.appliance_id, "leader": leader, "replicas": sorted(self.replica_ids)}
 
     def metadata(self) -> dict:
         doc = {"role": self.role.role if self.enabled else "leader",

@@ -56,6 +56,7 @@ class WorkerReplication:
         self.leader_epoch = 0
         self.replica_id = ""
         self.leader: dict | None = None
+        self.replicas: set[str] = set()  # appliance ids of the peers allowed to fetch as followers
         self.tracker = LeaderTracker(self.settings.replica_lag_max_ms)
         self.fetcher: Fetcher | None = None
         self.parked: list[ParkedFetch] = []
@@ -74,6 +75,7 @@ class WorkerReplication:
         self.is_leader = doc["role"] == "leader"
         self.leader_epoch = int(doc["leader_epoch"])
         self.replica_id = doc["replica_id"]
+        self.replicas = set(doc.get("replicas", ()))
         leader = doc.get("leader")
         if self.is_leader:
             if self.fetcher is not None:
@@ -177,6 +179,10 @@ class WorkerReplication:
         if isinstance(request, wire.EpochEndOffsetRequest):
             epoch, end = part.epochs.end_offset_for(request.leader_epoch, part.log.log_end_offset)
             return wire.EpochEndOffsetReply(request.partition, epoch, end, request.correlation_id).encode()
+        if request.replica_id not in self.replicas:
+            raise IngestError(ErrorCode.INVALID_REQUEST,
+                              f"replica {request.replica_id} is not one of this appliance's peers (yet)",
+                              request.partition)
         if request.leader_epoch > self.leader_epoch:
             # A follower knows a newer leader: this appliance was replaced. The supervisor
             # learns it from its peers too; say so at once.
