@@ -122,7 +122,7 @@ class WorkerReplication:
         error = IngestError(ErrorCode.NOT_LEADER, "this appliance is a follower now")
         for part in list(self.w.partitions.values()):
             self.w.requests.fail_pending(part, error.code, error.message)
-        self.w.requests.fail_waiting(ErrorCode.NOT_LEADER)
+        self.w.requests.fail_waiting(ErrorCode.NOT_LEADER, error.message)
         for f in self.parked:
             self.w.requests.send(f.identity, error_reply(f.request, error))
         self.parked = []

@@ -250,8 +250,8 @@ class RequestHandler:
             return 1000
         return max(0, min(f.deadline_ms for f in self.waiting) - t_ms)
 
-    def fail_waiting(self, code: ErrorCode) -> None:
-        stopping = IngestError(code, "the worker is stopping")
+    def fail_waiting(self, code: ErrorCode, message: str = "the worker is stopping") -> None:
+        stopping = IngestError(code, message)
         for f in self.waiting:
             self._send(f.identity, error_reply(f.request, stopping))
         self.waiting = []
