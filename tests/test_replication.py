@@ -23,7 +23,7 @@ from tests.support import Appliance, create_topic, eventually, metric_value
 TOPIC = "telemetry"
 PARTITIONS = 2
 # Short enough that a test sees a stalled follower leave the in-sync set within seconds.
-REPLICA_LAG_MAX_MS = 3000
+REPLICA_LAG_MAX_MS = 5000
 
 
 def _config(peer: Appliance, role: str, min_insync: int = 2) -> str:
@@ -39,6 +39,7 @@ min_insync_replicas = {min_insync}
 replica_lag_max_ms = {REPLICA_LAG_MAX_MS}
 peer_check_interval_ms = 200
 fetch_max_wait_ms = 200
+high_watermark_checkpoint_interval_ms = 200
 """
 
 

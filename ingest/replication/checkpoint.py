@@ -1,8 +1,8 @@
 """A leader's high-watermark checkpoint per partition: ``high-watermark-checkpoint``.
 
 JSON {"leader_epoch": e, "high_watermark": n, "in_sync": [replica ids]}, replaced
-atomically at most every HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS when it changed (Kafka
-checkpoints every 5 s too). It is read only when a leader worker starts in the same
+atomically at most every `[replication] high_watermark_checkpoint_interval_ms` (5 s, as
+Kafka) when it changed: one small fsynced write per partition, whatever the produce rate. It is read only when a leader worker starts in the same
 epoch; a stale value is lower than the truth, so consumers may briefly see less, never
 more.
 """
@@ -16,9 +16,6 @@ import orjson
 from ingest.topics import write_atomically
 
 CHECKPOINT_FILE = "high-watermark-checkpoint"
-# Kafka's replica.high.watermark.checkpoint.interval.ms: one small fsynced write per
-# partition at most this often, whatever the produce rate.
-HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS = 5_000
 
 
 def load(directory: Path, leader_epoch: int) -> tuple[int, list[str]] | None:

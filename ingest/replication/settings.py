@@ -39,6 +39,9 @@ class ReplicationConfig:
     # goes unnoticed by a fetch parked at the old leader.
     fetch_max_wait_ms: int = 500
     fetch_max_bytes: int = 4 << 20
+    # Kafka's replica.high.watermark.checkpoint.interval.ms: how often a leader writes each
+    # partition's high watermark and in-sync set down (checkpoint.py), when they changed.
+    high_watermark_checkpoint_interval_ms: int = 5_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peers", tuple(self.peers))
@@ -55,7 +58,8 @@ class ReplicationConfig:
             raise ReplicationConfigError(
                 f"min_insync_replicas must be 1..{len(self.peers) + 1} (this appliance and its "
                 f"peers), got {self.min_insync_replicas}")
-        for name in ("replica_lag_max_ms", "peer_check_interval_ms", "fetch_max_wait_ms"):
+        for name in ("replica_lag_max_ms", "peer_check_interval_ms", "fetch_max_wait_ms",
+                     "high_watermark_checkpoint_interval_ms"):
             if not 1 <= getattr(self, name) <= 600_000:
                 raise ReplicationConfigError(f"{name} must be 1..600000, got {getattr(self, name)}")
         if self.fetch_max_wait_ms >= self.replica_lag_max_ms:

@@ -292,7 +292,7 @@ class WorkerReplication:
                 if self.w.requests.pending:
                     self.w.acks_releasable = True  # an in-sync set may have shrunk: fail or release
             if t >= self._next_checkpoint_ms:
-                self._next_checkpoint_ms = t + checkpoint.HIGH_WATERMARK_CHECKPOINT_INTERVAL_MS
+                self._next_checkpoint_ms = t + self.settings.high_watermark_checkpoint_interval_ms
                 self._save_checkpoints(t)
             self._serve_parked(t)
 
