@@ -65,6 +65,7 @@ CATALOG = {
     "uplink_records_sent_total": ("counter", "Records handed to the uplink's Kafka producer, resends included."),
     "uplink_records_delivered_total": ("counter", "Records the uplink's Kafka cluster acknowledged (acks=all)."),
     "uplink_records_resent_total": ("counter", "Records sent again after a failed delivery: each may arrive twice."),
+    "uplink_records_already_delivered_total": ("counter", "Records the uplink found already in its Kafka cluster when it read back the tail after a restart, and did not send again."),
     "uplink_records_dropped_total": ("counter", "Records retention deleted before the uplink shipped them (disk short of space) or never served as corrupt."),
     "uplink_errors_total": ("counter", "Uplink producer and delivery errors, by reason (unreachable, timed_out, fenced, authentication, refused, internal)."),
     # Stream processors (ingest/streams), per processor and source partition.

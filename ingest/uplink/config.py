@@ -6,6 +6,7 @@
     partitioning = "same"          # local partition p -> remote partition p (per-key order kept)
                                    # "key": Kafka's murmur2 of the key picks the remote partition
     commit_interval_ms = 1000      # how often delivered progress is committed (bounds resends)
+    readback_records_max = 10000   # tail of each remote partition read at start (0: none)
     disk_free_bytes_min = 1073741824   # retention keeps unshipped data while this much is free
 
     [uplink.kafka]                 # passed to librdkafka as is: security, batching, compression
@@ -73,6 +74,10 @@ class UplinkConfig:
     disk_free_bytes_min: int = 1 << 30
     # After a failed delivery, a partition waits this long before it resends.
     retry_backoff_ms: int = 1000
+    # At start and after a new producer took over, the uplink reads back at most this many
+    # records from the end of each remote partition to find what the cluster already holds
+    # (readback.py; partitioning "same" only). 0: no read-back, resume at the committed offset.
+    readback_records_max: int = 10_000
     kafka: dict | None = None
 
     def __post_init__(self) -> None:
@@ -86,6 +91,7 @@ class UplinkConfig:
             (self.inflight_records_max >= 1, "inflight_records_max", ">= 1"),
             (self.disk_free_bytes_min >= 0, "disk_free_bytes_min", ">= 0"),
             (self.retry_backoff_ms >= 0, "retry_backoff_ms", ">= 0"),
+            (self.readback_records_max >= 0, "readback_records_max", ">= 0"),
         ]
         for ok, key, allowed in checks:
             if not ok:

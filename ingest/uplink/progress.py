@@ -52,17 +52,22 @@ class PartitionProgress:
         self.topic = topic
         self.partition = partition
         self.remote_topic = remote_topic
+        self.source = b""  # this log's name in the `ingest.offset` header (readback.py)
         self.committed = committed
         self.delivered = committed
         self.sent = committed
         self.chunks: deque[Chunk] = deque()
         self.generation = 0  # bumped by a rewind: reports of older chunks are ignored
         self.rewind_pending = False
+        # Set while the cluster's tail is being read back (readback.py): nothing is shipped
+        # until resume_after() says where the cluster stands.
+        self.resync_pending = False
         self.retry_at_ms = 0
         # Counted here, collected (and reset) by the uplink's metrics.
         self.delivered_records = 0
         self.resent_records = 0
         self.dropped_records = 0
+        self.already_delivered_records = 0
         self.errors: list = []  # delivery errors since the uplink last looked
         self.last_success = False
 
@@ -139,7 +144,22 @@ class PartitionProgress:
         return dropped
 
     def ready(self, now_ms: int) -> bool:
-        return not self.rewind_pending and now_ms >= self.retry_at_ms
+        return not self.rewind_pending and not self.resync_pending and now_ms >= self.retry_at_ms
+
+    def resume_after(self, offset_found: int | None) -> int:
+        """The read-back found `offset_found` (None: nothing) as the highest offset of this
+        partition in the cluster: everything up to it is delivered (one remote partition
+        keeps one local partition's records in order), so shipping resumes after it.
+        Returns how many records that spared."""
+        assert not self.chunks, "a read-back runs only while nothing is in flight"
+        self.resync_pending = False
+        if offset_found is None or offset_found < self.delivered:
+            return 0
+        spared = offset_found + 1 - self.delivered
+        self.delivered = self.sent = offset_found + 1
+        self.already_delivered_records += spared
+        self.check()
+        return spared
 
     def committable(self) -> int | None:
         """The offset to commit now, or None if the committed one is current."""

@@ -15,6 +15,7 @@ may arrive twice (the rewind's are counted in `uplink_records_resent_total`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from ingest.clock import mono_ms
@@ -25,6 +26,7 @@ from ingest.shards import batch as batch_codec
 from ingest.uplink.config import UplinkConfig
 from ingest.uplink.errors import PRODUCER_STATE_ERRORS, REASONS, reason_of
 from ingest.uplink.progress import PartitionProgress
+from ingest.uplink.readback import HEADER, ReadbackError, TailReader, consumer_settings, header_value, source_of
 
 log = logging.getLogger("ingest.uplink")
 # librdkafka's own log lines (connection failures and the like), through Python's logging.
@@ -39,11 +41,20 @@ RECORDS_PER_TURN = 4096
 UPLINK_POLL_MS = 5
 # A recurring producer error (broker unreachable) is logged at most this often per reason.
 ERROR_LOG_INTERVAL_MS = 60_000
+# A read-back of the cluster's tail gives up after this long (and is tried again after
+# retry_backoff_ms): a cluster that cannot be reached holds up nothing but the shipping.
+READBACK_TIMEOUT_S = 10.0
+# Read-back errors that retrying will not cure: the uplink's principal may not read the topic.
+READ_DENIED = frozenset(("TOPIC_AUTHORIZATION_FAILED", "GROUP_AUTHORIZATION_FAILED"))
 
 
 class Uplink:
-    def __init__(self, config: UplinkConfig, worker_id: int, probe) -> None:
+    def __init__(self, config: UplinkConfig, worker_id: int, probe, appliance_id: str = "") -> None:
         self.config = config
+        self.appliance_id = appliance_id
+        self.reads_back = config.partitioning == "same" and config.readback_records_max > 0
+        self._readback: _Readback | None = None  # the read-back running in its thread
+        self._readback_at_ms = 0
         self.worker_id = worker_id
         self.probe = probe
         self.parts: dict[tuple[str, int], tuple[object, PartitionProgress]] = {}
@@ -64,10 +75,12 @@ class Uplink:
         committed = part.groups.get(self.config.group)
         start = part.log.log_start_offset if committed is None else min(committed, part.log.log_end_offset)
         progress = PartitionProgress(part.topic, part.index, remote, start)
+        progress.source = source_of(self.appliance_id, part.topic, part.index)
+        progress.resync_pending = self.reads_back
         self.parts[(part.topic, part.index)] = (part, progress)
         labels = {"uplink": self.config.name, "topic": part.topic}
         for name in ("records_sent_total", "records_delivered_total", "records_resent_total",
-                     "records_dropped_total"):
+                     "records_dropped_total", "records_already_delivered_total"):
             self.probe.count("uplink_" + name, 0, **labels)  # present at 0: alerts see "none", not "no data"
         for reason in REASONS:
             self.probe.count("uplink_errors_total", 0, uplink=self.config.name, reason=reason)
@@ -122,6 +135,7 @@ class Uplink:
         self.producer.poll(0)
         for part, progress in self.parts.values():
             self._settle(part, progress, now_ms)
+        self._serve_readback(now_ms)
         if self.rebuild_producer:
             self._replace_producer(now_ms)
         budget = RECORDS_PER_TURN
@@ -165,7 +179,8 @@ class Uplink:
         labels = {"uplink": self.config.name, "topic": progress.topic}
         for attribute, name in (("delivered_records", "uplink_records_delivered_total"),
                                 ("resent_records", "uplink_records_resent_total"),
-                                ("dropped_records", "uplink_records_dropped_total")):
+                                ("dropped_records", "uplink_records_dropped_total"),
+                                ("already_delivered_records", "uplink_records_already_delivered_total")):
             value = getattr(progress, attribute)
             if value:
                 self.probe.count(name, value, **labels)
@@ -211,15 +226,18 @@ class Uplink:
         topic = progress.remote_topic
         partition = progress.partition if self.config.partitioning == "same" else -1
         raw = chunk.raw
-        columns = zip(chunk.timestamps_ms[:count].tolist(), chunk.key_offsets[:count].tolist(),
+        source = progress.source
+        columns = zip(chunk.offsets[:count].tolist(), chunk.timestamps_ms[:count].tolist(), chunk.key_offsets[:count].tolist(),
                       chunk.key_lengths[:count].tolist(), chunk.value_offsets[:count].tolist(),
                       chunk.value_lengths[:count].tolist(), chunk.header_lengths[:count].tolist())
         done = 0
         try:
-            for timestamp_ms, ko, kn, vo, vn, hn in columns:
+            for offset, timestamp_ms, ko, kn, vo, vn, hn in columns:
+                # The local position travels with the record: a restart reads it back (readback.py).
+                position = (HEADER, header_value(source, offset))
                 produce(topic, None if vn < 0 else raw[vo:vo + vn], None if kn < 0 else raw[ko:ko + kn],
                         partition=partition, on_delivery=on_delivery, timestamp=timestamp_ms,
-                        headers=list(chunk.headers(done)) if hn else None)
+                        headers=[*chunk.headers(done), position] if hn else [position])
                 done += 1
         except BufferError:  # librdkafka's queue is full (its byte bound): the rest comes later
             progress.retry_at_ms = mono_ms() + UPLINK_POLL_MS
@@ -236,11 +254,62 @@ class Uplink:
             progress.resent_records += progress.sent - progress.delivered
             progress.abandon()
             progress.retry_at_ms = now_ms + self.config.retry_backoff_ms
+            # Records the old producer got through are in the cluster: find them, not resend them.
+            progress.resync_pending = self.reads_back
+        self._readback_at_ms = now_ms + self.config.retry_backoff_ms
         old, self.producer = self.producer, None
         old.purge()
         old.poll(0)  # the purged records' reports belong to the abandoned chunks: ignored
         self.rebuild_producer = False
         self.producer = self._new_producer()
+
+    def _serve_readback(self, now_ms: int) -> None:
+        """Start a read-back for the partitions waiting for one, or apply a finished one."""
+        if self._readback is not None:
+            if self._readback.done.is_set():
+                readback, self._readback = self._readback, None
+                self._apply_readback(readback, now_ms)
+            return
+        pending = {(p.remote_topic, p.partition): p.source for _, p in self.parts.values() if p.resync_pending}
+        if not pending or now_ms < self._readback_at_ms:
+            return
+        settings = consumer_settings(self.config.producer_settings(), self.config.group)
+        settings["logger"] = librdkafka_log
+        settings["client.id"] = f"ingest-uplink-{self.config.name}-{self.worker_id}-readback"
+        reader = TailReader(settings, self.config.readback_records_max, READBACK_TIMEOUT_S)
+        self._readback = _Readback(reader, pending)
+
+    def _apply_readback(self, readback: "_Readback", now_ms: int) -> None:
+        if readback.error is not None:
+            reason = readback.error.reason if isinstance(readback.error, ReadbackError) else "internal"
+            self._count_error(reason)
+            if reason in READ_DENIED:  # may write, may not read: at-least-once from the committed offset
+                log.warning("uplink %s: the cluster refuses to let the uplink read its topics (%s); resuming "
+                            "at the committed offsets", self.config.name, reason)
+                for _, progress in self.parts.values():
+                    if progress.resync_pending:
+                        progress.resume_after(None)
+                return
+            self._log_now_and_then("readback", "uplink %s: reading back the cluster's tail failed (%s); "
+                                   "trying again", self.config.name, readback.error)
+            self._readback_at_ms = now_ms + self.config.retry_backoff_ms
+            return
+        for part, progress in self.parts.values():
+            key = (progress.remote_topic, progress.partition)
+            if not progress.resync_pending or key not in readback.found:
+                continue
+            found = readback.found[key]
+            if found is not None and found >= part.log.flushed_offset:
+                # The cluster holds offsets this log never made durable: another log under the
+                # same name (a restored backup?). Trust only the committed offset.
+                log.warning("uplink %s: %s holds offset %d of %s-%d, beyond its durable end %d; resuming at %d",
+                            self.config.name, key, found, part.topic, part.index, part.log.flushed_offset,
+                            progress.delivered)
+                found = None
+            spared = progress.resume_after(found)
+            log.info("uplink %s: %s-%d resumes at offset %d (%d records found already in the cluster)",
+                     self.config.name, part.topic, part.index, progress.sent, spared)
+            self._flush_counts(progress)
 
     def commit(self) -> None:
         """Write delivered progress as the group's committed offset (fsynced, per partition)."""
@@ -262,7 +331,7 @@ class Uplink:
         wait = idle_ms
         room = sum(p.in_flight for _, p in self.parts.values()) < self.config.inflight_records_max
         for part, progress in self.parts.values():
-            if progress.chunks or progress.rewind_pending:
+            if progress.chunks or progress.rewind_pending or progress.resync_pending:
                 wait = min(wait, UPLINK_POLL_MS)
             if not progress.rewind_pending and progress.sent < part.log.flushed_offset:  # a backlog
                 wait = min(wait, max(0, progress.retry_at_ms - now_ms) if room else UPLINK_POLL_MS)
@@ -293,10 +362,29 @@ class Uplink:
             for part, progress in self.parts.values():
                 self._settle(part, progress, mono_ms())
         self.commit()
+        self._readback = None  # its daemon thread ends by its own timeout
         self.producer.purge()
         self.producer.poll(0)
         self.producer = None
 
+
+class _Readback:
+    """One TailReader.find() in a daemon thread: the worker's loop never blocks on the network;
+    it looks at `done` each turn. A draining worker does not wait for it."""
+
+    def __init__(self, reader: TailReader, wanted: dict) -> None:
+        self.found: dict = {}
+        self.error: Exception | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(reader, wanted), name="uplink-readback", daemon=True).start()
+
+    def _run(self, reader: TailReader, wanted: dict) -> None:
+        try:
+            self.found = reader.find(wanted)
+        except Exception as e:  # noqa: BLE001 - reported on the loop, counted and retried there
+            self.error = e
+        finally:
+            self.done.set()
 
 
 def record_age_s(part, offset: int, now_ms: int) -> float:

@@ -8,8 +8,10 @@ these returns at once.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from pathlib import Path
 
 from ingest.uplink.shipper import Uplink
 
@@ -22,7 +24,8 @@ DRAIN_DELIVERY_TIMEOUT_S = 5.0
 
 class WorkerUplinks:
     def __init__(self, configs, worker_id: int, probe, data_dir) -> None:
-        self.uplinks = [Uplink(c, worker_id, probe) for c in configs if c.enabled]
+        appliance_id = read_appliance_id(data_dir) if configs else ""
+        self.uplinks = [Uplink(c, worker_id, probe, appliance_id) for c in configs if c.enabled]
         self.data_dir = data_dir
         self.disk_free_bytes_min = max((c.disk_free_bytes_min for c in configs), default=0)
         self._disk_short = False
@@ -67,3 +70,12 @@ class WorkerUplinks:
     def close(self) -> None:
         for uplink in self.uplinks:
             uplink.close(DRAIN_DELIVERY_TIMEOUT_S)
+
+
+def read_appliance_id(data_dir) -> str:
+    """The appliance's id (meta.json, written by the supervisor before it starts workers):
+    part of the `ingest.offset` header that tells this appliance's records from others'."""
+    try:
+        return json.loads((Path(data_dir) / "meta.json").read_text())["appliance_id"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
