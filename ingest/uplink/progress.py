@@ -146,17 +146,19 @@ class PartitionProgress:
     def ready(self, now_ms: int) -> bool:
         return not self.rewind_pending and not self.resync_pending and now_ms >= self.retry_at_ms
 
-    def resume_after(self, offset_found: int | None) -> int:
-        """The read-back found `offset_found` (None: nothing) as the highest offset of this
-        partition in the cluster: everything up to it is delivered (one remote partition
-        keeps one local partition's records in order), so shipping resumes after it.
-        Returns how many records that spared."""
+    def resume_after(self, offsets_found: set[int]) -> int:
+        """The read-back found these offsets of this partition in the cluster: shipping
+        resumes at the first offset from `delivered` on that is not among them. Only a run
+        of offsets the cluster holds is passed over, never a record it lacks (a failed
+        delivery may have left a gap that later records jumped). Returns how many records
+        that spared."""
         assert not self.chunks, "a read-back runs only while nothing is in flight"
         self.resync_pending = False
-        if offset_found is None or offset_found < self.delivered:
-            return 0
-        spared = offset_found + 1 - self.delivered
-        self.delivered = self.sent = offset_found + 1
+        resume = self.delivered
+        while resume in offsets_found:
+            resume += 1
+        spared = resume - self.delivered
+        self.delivered = self.sent = resume
         self.already_delivered_records += spared
         self.check()
         return spared

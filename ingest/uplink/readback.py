@@ -1,17 +1,20 @@
-"""Where the remote cluster stands: the highest local offset it already holds, per partition.
+"""Where the remote cluster stands: which local offsets it already holds, per partition.
 
 Every record the uplink ships carries the header `ingest.offset` = `<source>/<offset>`, where
 `<source>` = `<appliance id>/<local topic>/<local partition>` names one local log of one
 appliance. After a restart (and after a new producer took over) the uplink reads the tail of
-each remote partition it ships to and resumes after the highest offset it finds there, so a
-record the cluster acknowledged but whose progress was never committed is not sent twice.
+each remote partition it ships to and collects the local offsets of its own records found
+there; the partition resumes at the first offset from its committed one on that the cluster
+does not hold (PartitionProgress.resume_after). So a record the cluster acknowledged but
+whose progress was never committed is not sent twice, and a record the cluster lacks is never
+skipped, even where a failed delivery left a gap that later records jumped.
 
 Only `partitioning = "same"` is read back: there one remote partition holds one local
-partition's records in local order, so the last of them in the tail is the high mark. The
-scan reads at most `readback_records_max` records from the end of each remote partition
-(other producers writing to the same remote partition interleave their records: if more than
-that many foreign records follow the uplink's last one, the scan finds nothing and the uplink
-resumes at its committed offset, at-least-once as before).
+partition's records. The scan reads at least the last `readback_records_max` records of each
+remote partition (on to the end-of-partition event); if what was delivered since the last
+commit reaches further back than that (a large backlog in flight, or other producers'
+records interleaved), the offsets found do not join up with the committed one and the
+partition resumes at its committed offset, at-least-once as before.
 
 `header_value`/`parse_header` are pure; `TailReader` runs in the uplink's read-back thread
 (it blocks on the network) and touches nothing of the worker's.
@@ -47,7 +50,7 @@ def parse_header(value: bytes) -> tuple[bytes, int] | None:
     return source, int(offset)
 
 
-def highest_offset(headers, source: bytes) -> int | None:
+def offset_of(headers, source: bytes) -> int | None:
     """The local offset in a record's headers if the record came from `source`."""
     for key, value in headers or ():
         if key == HEADER and value is not None:
@@ -83,13 +86,13 @@ class TailReader:
         self.window_records = window_records
         self.timeout_s = timeout_s
 
-    def find(self, wanted: dict[tuple[str, int], bytes]) -> dict[tuple[str, int], int | None]:
-        """For each (remote topic, remote partition) -> source: the highest offset of that
-        source among the partition's last `window_records` records (None: none of them).
+    def find(self, wanted: dict[tuple[str, int], bytes]) -> dict[tuple[str, int], set[int]]:
+        """For each (remote topic, remote partition) -> source: the offsets of that source
+        among (at least) the partition's last `window_records` records.
         Raises ReadbackError when the cluster does not answer within timeout_s."""
         from confluent_kafka import Consumer, KafkaException, TopicPartition
         deadline = time.monotonic() + self.timeout_s
-        found: dict[tuple[str, int], int | None] = dict.fromkeys(wanted)
+        found: dict[tuple[str, int], set[int]] = {key: set() for key in wanted}
         consumer = Consumer(self.settings)
         try:
             starts = []
@@ -125,6 +128,6 @@ class TailReader:
                         open_partitions.discard(key)
                         continue
                     raise ReadbackError(error.name(), f"{key[0]}-{key[1]}: {error.str()}")
-                offset = highest_offset(message.headers(), wanted[key])
-                if offset is not None and (found[key] is None or offset > found[key]):
-                    found[key] = offset
+                offset = offset_of(message.headers(), wanted[key])
+                if offset is not None:
+                    found[key].add(offset)

@@ -288,7 +288,7 @@ class Uplink:
                             "at the committed offsets", self.config.name, reason)
                 for _, progress in self.parts.values():
                     if progress.resync_pending:
-                        progress.resume_after(None)
+                        progress.resume_after(set())
                 return
             self._log_now_and_then("readback", "uplink %s: reading back the cluster's tail failed (%s); "
                                    "trying again", self.config.name, readback.error)
@@ -299,13 +299,13 @@ class Uplink:
             if not progress.resync_pending or key not in readback.found:
                 continue
             found = readback.found[key]
-            if found is not None and found >= part.log.flushed_offset:
+            if found and max(found) >= part.log.flushed_offset:
                 # The cluster holds offsets this log never made durable: another log under the
                 # same name (a restored backup?). Trust only the committed offset.
                 log.warning("uplink %s: %s holds offset %d of %s-%d, beyond its durable end %d; resuming at %d",
-                            self.config.name, key, found, part.topic, part.index, part.log.flushed_offset,
+                            self.config.name, key, max(found), part.topic, part.index, part.log.flushed_offset,
                             progress.delivered)
-                found = None
+                found = set()
             spared = progress.resume_after(found)
             log.info("uplink %s: %s-%d resumes at offset %d (%d records found already in the cluster)",
                      self.config.name, part.topic, part.index, progress.sent, spared)
