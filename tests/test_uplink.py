@@ -9,6 +9,7 @@ goes down. Tansu itself keeps running (its memory storage would lose what it hol
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -244,11 +245,19 @@ def test_broker_unreachable_under_load_then_back_everything_arrives(tmp_path, ta
         app.stop()
 
 
-def test_kill_9_during_uplink_loses_nothing_and_sends_nothing_twice(tmp_path, tansu):
-    """After kill -9 the uplink reads back the tail of each remote partition, finds the
-    highest local offset the cluster holds (header ingest.offset) and resumes after it, even
-    where that is beyond the committed offset: nothing lost, nothing arrives twice."""
-    app = start_appliance(tmp_path, uplink_config(tansu))
+# partitioning = "key" reads nothing back: at-least-once from the committed offsets, measured
+# by this variant (about 30 s more; docs/UPLINK.md has its numbers).
+KEY_CRASH_VARIANT = os.environ.get("INGEST_UPLINK_KEY_CRASH", "").strip() not in ("", "0")
+
+
+@pytest.mark.parametrize("partitioning", [
+    "same", pytest.param("key", marks=pytest.mark.skipif(not KEY_CRASH_VARIANT, reason="INGEST_UPLINK_KEY_CRASH=1"))])
+def test_kill_9_during_uplink_loses_nothing_and_sends_nothing_twice(tmp_path, tansu, partitioning):
+    """After kill -9 the uplink reads back the tail of each remote partition, finds the local
+    offsets the cluster holds (header ingest.offset) and resumes after them, even where that
+    is beyond the committed offset: nothing lost, nothing arrives twice. ("key": resumes at
+    the committed offsets; what arrives twice is measured and bounded by them.)"""
+    app = start_appliance(tmp_path, uplink_config(tansu, extra=f'partitioning = "{partitioning}"'))
     count = 20_000
     tansu.link.bytes_per_s = 50_000  # a slow WAN link: the crash lands mid-way
     positions = send(app, count)
@@ -260,16 +269,21 @@ def test_kill_9_during_uplink_loses_nothing_and_sends_nothing_twice(tmp_path, ta
     app.start()
     try:
         remote = tansu.read_all(REMOTE, PARTITIONS, count, timeout_s=ARRIVAL_TIMEOUT_S)
-        duplicates = 0
-        for p, vs in values_by_partition(remote).items():
-            arrivals = Counter(vs)
-            expected = {b"value-%d" % i for i, (q, _) in enumerate(positions) if q == p}
-            assert set(arrivals) == expected, f"partition {p}: records lost"
-            duplicates += sum(n - 1 for n in arrivals.values())
+        arrivals = Counter(v for vs in values_by_partition(remote).values() for v in vs)
+        assert set(arrivals) == {b"value-%d" % i for i in range(count)}, "records lost"
+        if partitioning == "same":
+            for p, vs in values_by_partition(remote).items():
+                assert set(vs) == {b"value-%d" % i for i, (q, _) in enumerate(positions) if q == p}
+        duplicates = sum(n - 1 for n in arrivals.values())
         found = metric(app, "ingest_uplink_records_already_delivered_total", uplink="dc")
-        print(f"kill -9 during uplink: {sum(committed.values())} of {count} records committed, "
+        print(f"kill -9 during uplink ({partitioning}): {sum(committed.values())} of {count} records committed, "
               f"{found:.0f} more found in the cluster by the read-back, {duplicates} arrived twice")
-        assert duplicates == 0
+        if partitioning == "same":
+            assert duplicates == 0
+        else:  # at-least-once: only records at or above the committed offsets, each at most twice
+            assert all(n <= 2 for n in arrivals.values())
+            assert all(positions[int(v.split(b"-")[1])][1] >= committed[positions[int(v.split(b"-")[1])][0]]
+                       for v, n in arrivals.items() if n > 1), "a committed record was sent again"
         assert eventually(lambda: committed_offsets(app) == {p: sum(1 for q, _ in positions if q == p)
                                                              for p in range(PARTITIONS)}, 10)
     finally:
