@@ -331,9 +331,12 @@ class Uplink:
         wait = idle_ms
         room = sum(p.in_flight for _, p in self.parts.values()) < self.config.inflight_records_max
         for part, progress in self.parts.values():
-            if progress.chunks or progress.rewind_pending or progress.resync_pending:
+            if progress.resync_pending:  # a running read-back is looked at every 5 ms; a failed one retried later
+                wait = min(wait, UPLINK_POLL_MS if self._readback else max(0, self._readback_at_ms - now_ms))
+            if progress.chunks or progress.rewind_pending:
                 wait = min(wait, UPLINK_POLL_MS)
-            if not progress.rewind_pending and progress.sent < part.log.flushed_offset:  # a backlog
+            if (not progress.rewind_pending and not progress.resync_pending
+                    and progress.sent < part.log.flushed_offset):  # a backlog
                 wait = min(wait, max(0, progress.retry_at_ms - now_ms) if room else UPLINK_POLL_MS)
         return wait
 
