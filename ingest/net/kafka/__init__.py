@@ -1,0 +1,1 @@
+"""Kafka's wire protocol (non-flexible versions): a sans-IO codec and its message schemas."""
