@@ -66,6 +66,7 @@ from pathlib import Path
 import psutil
 
 from ingest.replication.settings import ReplicationConfig
+from ingest.net.kafka.config import KafkaConfig
 from ingest.security import SecurityConfig
 from ingest.shards.log import LogConfig
 from ingest.uplink.config import UplinkConfig, UplinkConfigError
@@ -145,6 +146,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     uplinks: tuple[UplinkConfig, ...] = ()  # [[uplink]]: see ingest/uplink/config.py
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)  # [kafka]: see docs/KAFKA.md
 
     processors: tuple[ProcessorConfig, ...] = ()  # [[processor]]: see ingest/streams/spec.py
 
@@ -211,7 +213,7 @@ def _build(cls, table: dict, section: str):
 def from_dict(doc: dict) -> Config:
     doc = dict(doc)
     unknown = sorted(set(doc) - {"server", "storage", "limits", "topic", "topics", "security", "uplink", "uplinks",
-                                 "processor", "processors", "replication"})
+                                 "processor", "processors", "replication", "kafka"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     server = dict(doc.get("server", {}))
@@ -229,6 +231,7 @@ def from_dict(doc: dict) -> Config:
         uplinks=_uplinks(doc.get("uplink", doc.get("uplinks", []))),
         processors=_processors(doc.get("processor", doc.get("processors", [])), topics),
         replication=_build(ReplicationConfig, dict(doc.get("replication", {})), "replication"),
+        kafka=_build(KafkaConfig, dict(doc.get("kafka", {})), "kafka"),
     )
     validate(config)
     return config

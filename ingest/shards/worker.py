@@ -29,6 +29,7 @@ from ingest.net.errors import ErrorCode, IngestError
 from ingest.shards import intake, kernels
 from ingest.shards.flusher import Flusher
 from ingest.shards.intake import RecordIntake
+from ingest.shards.kafka_listener import KafkaListener
 from ingest.shards.partition import Partition
 from ingest.security import CurveGuard
 from ingest.shards.probe import Probe
@@ -125,6 +126,7 @@ class Worker:
         self.streams = StreamsRuntime(self)  # processors of partitions owned here
         self.replication = WorkerReplication(self)
         self._ppid = os.getppid()
+        self.kafka: KafkaListener | None = None  # [kafka] enabled: bound with the other sockets
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -164,6 +166,8 @@ class Worker:
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.flusher.wake, zmq.POLLIN)
         self._bind_raw_listeners()
+        if self.config.kafka.enabled:
+            self.kafka = KafkaListener(self)
 
     def _bind_raw_listeners(self) -> None:
         bound = {box.raw_topic for box in self.inboxes.values()}
@@ -426,7 +430,11 @@ class Worker:
                           self._linger_wait_ms(t), self.uplinks.wait_ms(t, heartbeat_ms),
                           self.streams.wait_ms(heartbeat_ms),
                           self.replication.next_deadline_in_ms(t))
+            if self.kafka is not None:
+                timeout = min(timeout, self.kafka.wait_ms(t, IDLE_POLL_MS))
             events = dict(self.poller.poll(timeout))
+            if self.kafka is not None:
+                self.kafka.on_events(events)
             for sock in self.inboxes:
                 if sock in events:
                     self._drain_pull(sock)
@@ -443,6 +451,8 @@ class Worker:
                 self.acks_releasable = False
                 self.requests.release_durable_acks()
             self.requests.serve_waiting(mono_ms())
+            if self.kafka is not None:
+                self.kafka.pump(mono_ms())
             self.uplinks.pump(mono_ms())
             self.replication.step(events)
             t = mono_ms()
@@ -474,6 +484,9 @@ class Worker:
         self._finish_flushes()
         self.requests.release_durable_acks()
         self.requests.fail_waiting(ErrorCode.SHUTTING_DOWN)
+        if self.kafka is not None:
+            self.kafka.pump(mono_ms())  # acks=-1 made durable by the last flush, long polls (stopping)
+            self.kafka.close()
         self.uplinks.close()
         self.streams.close()
         for part in self.partitions.values():

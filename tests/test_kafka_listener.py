@@ -1,0 +1,176 @@
+"""The Kafka wire-protocol listener, driven by real Kafka clients (kafka-python,
+confluent-kafka) and raw sockets against a real appliance with [kafka] enabled."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from ingest import Producer
+from ingest.net.kafka import codec
+from ingest.net.kafka.schema import ApiKey
+from tests.support import FAST_HEARTBEATS, Appliance, create_topic, eventually, fetch_all, metric_value
+
+TOPIC = "kt"
+PARTITIONS = 4
+KAFKA_PORT_OFFSET = 30  # inside the appliance's block of free ports, past PULL/ROUTER
+TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    base = tmp_path_factory.mktemp("kafka")
+    a = Appliance(base / "data", workers=2)
+    a.kafka_port = a.port + KAFKA_PORT_OFFSET
+    a.config_text = f"{FAST_HEARTBEATS}\n[kafka]\nenabled = true\nport = {a.kafka_port}\n"
+    a.start()
+    create_topic(a, TOPIC, PARTITIONS)
+    yield a
+    a.stop()
+
+
+def bootstrap(app) -> str:
+    return f"127.0.0.1:{app.kafka_port}"
+
+
+def request(sock: socket.socket, api_key: int, version: int, body: dict, correlation_id: int = 7) -> dict:
+    sock.sendall(codec.encode_request(api_key, version, correlation_id, "test", body))
+    size = struct.unpack(">i", _recv_exactly(sock, 4))[0]
+    got_id, reply = codec.decode_response(api_key, version, _recv_exactly(sock, size))
+    assert got_id == correlation_id
+    return reply
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def connect(app, worker: int = 0) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", app.kafka_port + worker), timeout=10)
+    return s
+
+
+def test_metadata_advertises_each_worker_as_a_broker_owning_its_partitions(app):
+    with connect(app, 1) as s:
+        meta = request(s, ApiKey.METADATA, 8, {"topics": [{"name": TOPIC}], "allow_auto_topic_creation": False})
+    assert [(b["node_id"], b["port"]) for b in meta["brokers"]] == [(0, app.kafka_port), (1, app.kafka_port + 1)]
+    (topic,) = meta["topics"]
+    assert topic["error_code"] == 0
+    assert [(p["partition_index"], p["leader_id"]) for p in topic["partitions"]] == [(p, p % 2) for p in range(PARTITIONS)]
+
+
+def test_kafka_python_producer_and_consumer_round_trip(app):
+    producer = KafkaProducer(bootstrap_servers=bootstrap(app), acks="all", linger_ms=5)
+    sent = [producer.send(TOPIC, key=f"k{i}".encode(), value=f"v{i}".encode(), partition=i % PARTITIONS,
+                          headers=[("h", b"x")]) for i in range(40)]
+    producer.flush(TIMEOUT_S)
+    meta = [f.get(TIMEOUT_S) for f in sent]
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap(app), enable_auto_commit=False, group_id=None,
+                             consumer_timeout_ms=5000)
+    parts = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
+    consumer.assign(parts)
+    for m in meta:
+        consumer.seek(TopicPartition(TOPIC, m.partition), min(x.offset for x in meta if x.partition == m.partition))
+    got = {}
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=500).items():
+            for r in records:
+                got[(tp.partition, r.offset)] = (r.key, r.value, r.headers)
+    consumer.close()
+    for i, m in enumerate(meta):
+        assert got[(m.partition, m.offset)] == (f"k{i}".encode(), f"v{i}".encode(), [("h", b"x")])
+
+
+def test_record_from_zeromq_is_read_over_kafka_at_the_same_offset_and_vice_versa(app):
+    sdk = Producer(app.bootstrap, acks="fsync")
+    _, zmq_offset = sdk.send(TOPIC, b"from-zmq", partition=1).result(TIMEOUT_S)
+    sdk.close()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap(app), enable_auto_commit=False, consumer_timeout_ms=5000)
+    tp = TopicPartition(TOPIC, 1)
+    consumer.assign([tp])
+    consumer.seek(tp, zmq_offset)
+    records = []
+    assert eventually(lambda: records.extend(consumer.poll(timeout_ms=200).get(tp, [])) or records, TIMEOUT_S)
+    consumer.close()
+    assert (records[0].offset, records[0].value) == (zmq_offset, b"from-zmq")
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap(app), acks=1)
+    kafka_offset = producer.send(TOPIC, b"from-kafka", partition=2).get(TIMEOUT_S).offset
+    producer.close()
+    stored = [r for r in fetch_all(app, TOPIC, 2) if r.offset == kafka_offset]
+    assert [r.value for r in stored] == [b"from-kafka"]
+
+
+def test_idempotent_kafka_python_producer_lands_once(app):
+    producer = KafkaProducer(bootstrap_servers=bootstrap(app), enable_idempotence=True, acks="all")
+    offsets = [producer.send(TOPIC, f"idem{i}".encode(), partition=3).get(TIMEOUT_S).offset for i in range(5)]
+    producer.close()
+    stored = fetch_all(app, TOPIC, 3, offsets[0])
+    values = [r.value for r in stored if r.value.startswith(b"idem")]
+    assert values == [f"idem{i}".encode() for i in range(5)]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 5
+
+
+def test_partition_of_another_worker_gets_not_leader_or_follower(app):
+    batch = _one_record_batch(b"x")
+    with connect(app, 0) as s:
+        reply = request(s, ApiKey.PRODUCE, 7, {"acks": 1, "timeout_ms": 1000, "topics": [
+            {"name": TOPIC, "partitions": [{"index": 1, "records": batch}, {"index": 0, "records": batch}]}]})
+        fetched = request(s, ApiKey.FETCH, 10, {"replica_id": -1, "max_wait_ms": 0, "min_bytes": 1,
+                                                 "max_bytes": 1 << 20, "session_epoch": -1, "topics": [
+            {"topic": TOPIC, "partitions": [{"partition": 1, "fetch_offset": 0, "partition_max_bytes": 1 << 20}]}]})
+    rows = {r["index"]: r["error_code"] for r in reply["responses"][0]["partitions"]}
+    assert rows == {1: 6, 0: 0}
+    assert fetched["responses"][0]["partitions"][0]["error_code"] == 6
+
+
+def test_api_versions_newer_than_served_gets_error_35_and_a_v0_body(app):
+    with connect(app) as s:
+        s.sendall(codec.frame(struct.pack(">hhi", ApiKey.API_VERSIONS, 3, 9) + b"\x00\x01c" + b"\x00"))
+        size = struct.unpack(">i", _recv_exactly(s, 4))[0]
+        got_id, body = codec.decode_response(ApiKey.API_VERSIONS, 0, _recv_exactly(s, size))
+        assert (got_id, body["error_code"]) == (9, 35)
+        assert {k["api_key"]: (k["min_version"], k["max_version"]) for k in body["api_keys"]}[ApiKey.API_VERSIONS] == (0, 2)
+        # The connection stays usable, as Kafka's does, for the retry at a served version.
+        again = request(s, ApiKey.API_VERSIONS, 2, {})
+        assert again["error_code"] == 0
+
+
+MALFORMED = {
+    "size": struct.pack(">i", -5),
+    "api_key": codec.frame(struct.pack(">hhi", 999, 0, 1) + b"\xff\xff"),
+    "version": codec.frame(struct.pack(">hhi", ApiKey.METADATA, 99, 1) + b"\xff\xff"),
+    "truncated": codec.frame(struct.pack(">hhi", ApiKey.PRODUCE, 3, 1) + b"\xff\xff" + b"\xff\xff\x00\x01"),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(MALFORMED))
+def test_malformed_frame_closes_the_connection_is_counted_and_no_worker_dies(app, reason):
+    pids = app.worker_pids()
+    before = metric_value(app.metrics_text(), "ingest_kafka_frames_invalid_total", reason=reason)
+    with connect(app) as s:
+        s.sendall(MALFORMED[reason])
+        assert s.recv(100) == b""  # closed by the appliance, nothing sent back
+    assert eventually(lambda: metric_value(app.metrics_text(), "ingest_kafka_frames_invalid_total",
+                                           reason=reason) == before + 1, 10)
+    with connect(app) as s:  # the worker still serves
+        assert request(s, ApiKey.API_VERSIONS, 0, {})["error_code"] == 0
+    assert app.worker_pids() == pids
+
+
+def _one_record_batch(value: bytes) -> bytes:
+    from ingest.shards import batch as batch_codec
+    return batch_codec.encode_batch_py([batch_codec.Record(offset=0, timestamp_ms=int(time.time() * 1000),
+                                                           key=None, value=value, headers=())])
