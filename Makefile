@@ -40,11 +40,13 @@ soak: $(TEST_STAMP) test-deps
 # Writes bench/results/<date>.json and PNGs, regenerates bench/RESULTS.md's comparison.
 bench: $(TEST_STAMP)
 	sh tests/device-deps.sh
+	sh tests/kafka-deps.sh
 	sh bench/install-peers.sh $(PY)
 	$(PY) -m bench.run
 
 bench-full: $(TEST_STAMP)
 	sh tests/device-deps.sh
+	sh tests/kafka-deps.sh
 	sh bench/install-peers.sh $(PY)
 	$(PY) -m bench.run --full
 
@@ -95,3 +97,4 @@ test-deps:
 	sh tests/deploy-deps.sh
 	sh tests/device-deps.sh
 	sh tests/replication-deps.sh
+	sh tests/kafka-deps.sh
