@@ -227,3 +227,49 @@ def test_record_pushed_over_zeromq_is_consumed_with_kcat_at_its_offset(app):
     sdk.close()
     out = kcat(app, "-C", "-t", TOPIC, "-p", "3", "-o", str(offset), "-e", "-f", "%o %s\\n")
     assert out.splitlines() == [f"{offset} zmq-to-kcat"]
+
+
+def test_kafka_python_group_commits_resume_a_new_consumer_and_are_the_appliances_offsets(app):
+    from ingest.net import wire
+    group = "kgroup"
+    producer = KafkaProducer(bootstrap_servers=bootstrap(app), acks="all")
+    for i in range(8):
+        producer.send(TOPIC, f"g{i}".encode(), partition=i % PARTITIONS)
+    producer.flush(TIMEOUT_S)
+    producer.close()
+    parts = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap(app), group_id=group, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    consumer.assign(parts)
+    ends = consumer.end_offsets(parts)
+    positions = {tp: 0 for tp in parts}
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(positions[tp] < ends[tp] for tp in parts) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=500).items():
+            positions[tp] = records[-1].offset + 1
+    # Commit all but the last two records of partition 0: a new member resumes there.
+    resume = {tp: ends[tp] - (2 if tp.partition == 0 else 0) for tp in parts}
+    from kafka.structs import OffsetAndMetadata
+    consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in resume.items()})
+    consumer.close()
+
+    again = KafkaConsumer(bootstrap_servers=bootstrap(app), group_id=group, enable_auto_commit=False,
+                          auto_offset_reset="latest")
+    again.assign(parts)
+    assert {tp: again.committed(tp) for tp in parts} == resume
+    assert {tp: again.position(tp) for tp in parts} == resume
+    again.close()
+    # The same offsets over ZeroMQ, from each partition's owner.
+    for p in range(PARTITIONS):
+        reply = app.request(app.owner_router(p), wire.OffsetFetchRequest(group=group, topic=TOPIC, partitions=(p,)))
+        assert dict(reply.offsets)[p] == resume[TopicPartition(TOPIC, p)]
+
+
+def test_confluent_kafka_commit_and_committed_through_the_coordinator(app):
+    from confluent_kafka import Consumer as CkConsumer, TopicPartition as CkPartition
+    consumer = CkConsumer({"bootstrap.servers": bootstrap(app), "group.id": "ckgroup", "enable.auto.commit": False})
+    offsets = [CkPartition(TOPIC, p, p + 1) for p in range(PARTITIONS)]
+    consumer.commit(offsets=offsets, asynchronous=False)
+    got = consumer.committed([CkPartition(TOPIC, p) for p in range(PARTITIONS)], timeout=TIMEOUT_S)
+    consumer.close()
+    assert [(tp.partition, tp.offset) for tp in got] == [(p, p + 1) for p in range(PARTITIONS)]

@@ -35,6 +35,9 @@ SERVED = {
     ApiKey.METADATA: (0, 8),
     ApiKey.API_VERSIONS: (0, 2),
     ApiKey.INIT_PRODUCER_ID: (0, 1),
+    ApiKey.FIND_COORDINATOR: (0, 2),  # handlers: kafka_groups.py
+    ApiKey.OFFSET_COMMIT: (2, 7),
+    ApiKey.OFFSET_FETCH: (1, 5),
 }
 CLUSTER_ID = "ingest"
 # Kafka's error codes (org.apache.kafka.common.protocol.Errors) used here.

@@ -23,6 +23,7 @@ from ingest.clock import mono_ms
 from ingest.net.kafka import codec
 from ingest.net.kafka.schema import ApiKey
 from ingest.shards.kafka_api import NO_RESPONSE, UNSUPPORTED_VERSION, Deferred, KafkaApi
+from ingest.shards.kafka_groups import GroupOffsetsApi
 
 log = logging.getLogger("ingest.kafka")
 
@@ -56,6 +57,10 @@ class KafkaListener:
         self.w = worker
         self.config = worker.config.kafka
         self.api = KafkaApi(worker)
+        self.groups = GroupOffsetsApi(worker)
+        self.api.handlers |= {ApiKey.FIND_COORDINATOR: self.groups.find_coordinator,
+                              ApiKey.OFFSET_COMMIT: self.groups.offset_commit,
+                              ApiKey.OFFSET_FETCH: self.groups.offset_fetch}
         self.conns: dict[int, Connection] = {}
         port = self.config.worker_port(worker.worker_id)
         self.sock = socket.create_server((worker.config.server.bind, port), backlog=LISTEN_BACKLOG, reuse_port=False)
@@ -68,6 +73,7 @@ class KafkaListener:
     # ---- events --------------------------------------------------------------------------
 
     def on_events(self, events: dict) -> None:
+        self.groups.peers.on_events(events)
         if self.sock.fileno() in events:
             self._accept()
         for fd, conn in list(self.conns.items()):
@@ -184,6 +190,7 @@ class KafkaListener:
             self._close(conn)
         self.w.poller.unregister(self.sock.fileno())
         self.sock.close()
+        self.groups.peers.close()
 
     # ---- requests ------------------------------------------------------------------------
 
