@@ -33,6 +33,11 @@ Example (every key optional):
     peers = ["tcp://10.0.0.2:7400"]
     min_insync_replicas = 2
 
+    [kafka]                  # Kafka wire protocol for kcat & co: see docs/KAFKA.md
+    enabled = false
+    port = 9092              # worker i listens on port + i (broker i in Kafka's Metadata)
+    connections_max = 1000   # per worker
+
     [[topic]]
     name = "telemetry"
     partitions = 4
