@@ -273,3 +273,16 @@ def test_confluent_kafka_commit_and_committed_through_the_coordinator(app):
     got = consumer.committed([CkPartition(TOPIC, p) for p in range(PARTITIONS)], timeout=TIMEOUT_S)
     consumer.close()
     assert [(tp.partition, tp.offset) for tp in got] == [(p, p + 1) for p in range(PARTITIONS)]
+
+
+def test_kafka_metrics_pass_promtool_check_metrics(app):
+    import shutil
+    import subprocess
+    text = app.metrics_text()
+    assert eventually(lambda: metric_value(app.metrics_text(), "ingest_kafka_requests_total", api="produce") > 0, 10)
+    text = app.metrics_text()
+    assert "ingest_kafka_connections_total" in text and "ingest_kafka_frames_invalid_total" in text
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: sh tests/deploy-deps.sh"
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout + check.stderr == "", check.stdout + check.stderr
