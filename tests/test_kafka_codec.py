@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from kafka.protocol.old import (api_versions, commit, fetch, find_coordinator, init_producer_id,
+from kafka.protocol.old import (api_versions, commit, fetch, find_coordinator, group, init_producer_id,
                                 list_offsets, metadata, produce)
 from kafka.protocol.old.api import RequestHeader as OracleHeader
 
@@ -23,6 +23,10 @@ ORACLE = {
     ApiKey.FIND_COORDINATOR: (find_coordinator, "FindCoordinatorRequest", "FindCoordinatorResponse"),
     ApiKey.API_VERSIONS: (api_versions, "ApiVersionsRequest", "ApiVersionsResponse"),
     ApiKey.INIT_PRODUCER_ID: (init_producer_id, "InitProducerIdRequest", "InitProducerIdResponse"),
+    ApiKey.JOIN_GROUP: (group, "JoinGroupRequest", "JoinGroupResponse"),
+    ApiKey.SYNC_GROUP: (group, "SyncGroupRequest", "SyncGroupResponse"),
+    ApiKey.HEARTBEAT: (group, "HeartbeatRequest", "HeartbeatResponse"),
+    ApiKey.LEAVE_GROUP: (group, "LeaveGroupRequest", "LeaveGroupResponse"),
 }
 CASES = [(key, v, side) for key, (low, high) in CODEC_VERSIONS.items()
          for v in range(low, high + 1) for side in (0, 1)]

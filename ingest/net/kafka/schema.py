@@ -24,6 +24,10 @@ class ApiKey(IntEnum):
     OFFSET_COMMIT = 8
     OFFSET_FETCH = 9
     FIND_COORDINATOR = 10
+    JOIN_GROUP = 11
+    HEARTBEAT = 12
+    LEAVE_GROUP = 13
+    SYNC_GROUP = 14
     API_VERSIONS = 18
     INIT_PRODUCER_ID = 22
 
@@ -262,6 +266,77 @@ INIT_PRODUCER_ID_RESPONSE = [
     f("producer_epoch", "int16"),
 ]
 
+JOIN_GROUP_REQUEST = [
+    f("group_id", "string"),
+    f("session_timeout_ms", "int32"),
+    f("rebalance_timeout_ms", "int32", 1),
+    f("member_id", "string"),
+    f("group_instance_id", "nstring", 5),
+    f("protocol_type", "string"),
+    f("protocols", ("array", [
+        f("name", "string"),
+        f("metadata", "bytes"),
+    ])),
+]
+JOIN_GROUP_RESPONSE = [
+    f("throttle_time_ms", "int32", 2),
+    f("error_code", "int16"),
+    f("generation_id", "int32"),
+    f("protocol_name", "string"),
+    f("leader", "string"),
+    f("member_id", "string"),
+    f("members", ("array", [
+        f("member_id", "string"),
+        f("group_instance_id", "nstring", 5),
+        f("metadata", "bytes"),
+    ])),
+]
+
+SYNC_GROUP_REQUEST = [
+    f("group_id", "string"),
+    f("generation_id", "int32"),
+    f("member_id", "string"),
+    f("group_instance_id", "nstring", 3),
+    f("assignments", ("array", [
+        f("member_id", "string"),
+        f("assignment", "bytes"),
+    ])),
+]
+SYNC_GROUP_RESPONSE = [
+    f("throttle_time_ms", "int32", 1),
+    f("error_code", "int16"),
+    f("assignment", "bytes"),
+]
+
+HEARTBEAT_REQUEST = [
+    f("group_id", "string"),
+    f("generation_id", "int32"),
+    f("member_id", "string"),
+    f("group_instance_id", "nstring", 3),
+]
+HEARTBEAT_RESPONSE = [
+    f("throttle_time_ms", "int32", 1),
+    f("error_code", "int16"),
+]
+
+LEAVE_GROUP_REQUEST = [
+    f("group_id", "string"),
+    f("member_id", "string", 0, 2),
+    f("members", ("array", [
+        f("member_id", "string"),
+        f("group_instance_id", "nstring"),
+    ]), 3),
+]
+LEAVE_GROUP_RESPONSE = [
+    f("throttle_time_ms", "int32", 1),
+    f("error_code", "int16"),
+    f("members", ("array", [
+        f("member_id", "string"),
+        f("group_instance_id", "nstring"),
+        f("error_code", "int16"),
+    ]), 3),
+]
+
 # api key -> (request fields, response fields)
 SCHEMAS = {
     ApiKey.PRODUCE: (PRODUCE_REQUEST, PRODUCE_RESPONSE),
@@ -273,6 +348,10 @@ SCHEMAS = {
     ApiKey.FIND_COORDINATOR: (FIND_COORDINATOR_REQUEST, FIND_COORDINATOR_RESPONSE),
     ApiKey.API_VERSIONS: (API_VERSIONS_REQUEST, API_VERSIONS_RESPONSE),
     ApiKey.INIT_PRODUCER_ID: (INIT_PRODUCER_ID_REQUEST, INIT_PRODUCER_ID_RESPONSE),
+    ApiKey.JOIN_GROUP: (JOIN_GROUP_REQUEST, JOIN_GROUP_RESPONSE),
+    ApiKey.SYNC_GROUP: (SYNC_GROUP_REQUEST, SYNC_GROUP_RESPONSE),
+    ApiKey.HEARTBEAT: (HEARTBEAT_REQUEST, HEARTBEAT_RESPONSE),
+    ApiKey.LEAVE_GROUP: (LEAVE_GROUP_REQUEST, LEAVE_GROUP_RESPONSE),
 }
 
 # The versions the codec can encode and decode (every non-flexible one from the first
@@ -288,4 +367,8 @@ CODEC_VERSIONS = {
     ApiKey.FIND_COORDINATOR: (0, 2),
     ApiKey.API_VERSIONS: (0, 2),
     ApiKey.INIT_PRODUCER_ID: (0, 1),
+    ApiKey.JOIN_GROUP: (0, 5),
+    ApiKey.SYNC_GROUP: (0, 3),
+    ApiKey.HEARTBEAT: (0, 3),
+    ApiKey.LEAVE_GROUP: (0, 3),
 }
