@@ -286,3 +286,83 @@ def test_kafka_metrics_pass_promtool_check_metrics(app):
     assert promtool, "promtool missing: sh tests/deploy-deps.sh"
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout + check.stderr == "", check.stdout + check.stderr
+
+
+def _subscriber(app, group: str, topic: str):
+    return KafkaConsumer(topic, bootstrap_servers=bootstrap(app), group_id=group, enable_auto_commit=False,
+                         auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=300,
+                         max_poll_interval_ms=10_000)
+
+
+def test_two_kafka_python_members_split_partitions_and_a_new_one_resumes_from_commits(app):
+    import threading
+    topic, group = "ksplit", "splitters"
+    create_topic(app, topic, PARTITIONS)
+    producer = KafkaProducer(bootstrap_servers=bootstrap(app), acks="all")
+    for i in range(4 * PARTITIONS):
+        producer.send(topic, f"s{i}".encode(), partition=i % PARTITIONS)
+    producer.flush(TIMEOUT_S)
+    members = [_subscriber(app, group, topic) for _ in range(2)]
+    seen: list[dict] = [{}, {}]
+    assigned: list[set] = [set(), set()]
+    stop = threading.Event()
+
+    def run(i: int) -> None:
+        c = members[i]
+        while not stop.is_set():
+            for tp, records in c.poll(timeout_ms=200).items():
+                for r in records:
+                    seen[i][(tp.partition, r.offset)] = r.value
+            assigned[i] = {tp.partition for tp in c.assignment()}
+            if seen[i]:
+                c.commit()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+    for th in threads:
+        th.start()
+    split = eventually(lambda: len(assigned[0]) == len(assigned[1]) == 2 and not assigned[0] & assigned[1]
+                       and len(seen[0]) + len(seen[1]) >= 4 * PARTITIONS, TIMEOUT_S)
+    stop.set()
+    for th in threads:
+        th.join(TIMEOUT_S)
+    for c in members:
+        c.close()
+    assert split, (assigned, seen)
+    assert assigned[0] | assigned[1] == set(range(PARTITIONS))  # the range assignor: 2 and 2
+    assert {p for p, _ in seen[0]} <= assigned[0] and {p for p, _ in seen[1]} <= assigned[1]
+
+    for p in range(PARTITIONS):
+        producer.send(topic, f"late{p}".encode(), partition=p)
+    producer.flush(TIMEOUT_S)
+    producer.close()
+    late = _subscriber(app, group, topic)
+    got = []
+    assert eventually(lambda: got.extend(r.value for rs in late.poll(timeout_ms=200).values() for r in rs)
+                      or len(got) >= PARTITIONS, TIMEOUT_S)
+    late.close()
+    assert sorted(got) == sorted(f"late{p}".encode() for p in range(PARTITIONS))
+
+
+def test_confluent_kafka_subscriber_gets_every_partition_and_commits(app):
+    from confluent_kafka import Consumer as CkConsumer
+    topic = "cksub"
+    create_topic(app, topic, PARTITIONS)
+    producer = KafkaProducer(bootstrap_servers=bootstrap(app), acks="all")
+    for p in range(PARTITIONS):
+        producer.send(topic, f"c{p}".encode(), partition=p)
+    producer.flush(TIMEOUT_S)
+    producer.close()
+    consumer = CkConsumer({"bootstrap.servers": bootstrap(app), "group.id": "cksubs", "auto.offset.reset": "earliest",
+                           "enable.auto.commit": False, "partition.assignment.strategy": "range"})
+    consumer.subscribe([topic])
+    got = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(got) < PARTITIONS and time.monotonic() < deadline:
+        m = consumer.poll(0.5)
+        if m is not None and m.error() is None:
+            got.append((m.partition(), m.value()))
+    consumer.commit(asynchronous=False)
+    assignment = sorted(tp.partition for tp in consumer.assignment())
+    consumer.close()
+    assert assignment == list(range(PARTITIONS))
+    assert sorted(got) == [(p, f"c{p}".encode()) for p in range(PARTITIONS)]

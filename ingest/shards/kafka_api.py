@@ -38,6 +38,10 @@ SERVED = {
     ApiKey.FIND_COORDINATOR: (0, 2),  # handlers: kafka_groups.py
     ApiKey.OFFSET_COMMIT: (2, 7),
     ApiKey.OFFSET_FETCH: (1, 5),
+    ApiKey.JOIN_GROUP: (0, 5),  # handlers: kafka_membership.py
+    ApiKey.SYNC_GROUP: (0, 3),
+    ApiKey.HEARTBEAT: (0, 3),
+    ApiKey.LEAVE_GROUP: (0, 3),
 }
 CLUSTER_ID = "ingest"
 # Kafka's error codes (org.apache.kafka.common.protocol.Errors) used here.

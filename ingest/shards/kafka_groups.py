@@ -111,7 +111,7 @@ class GroupOffsetsApi:
     def offset_commit(self, version: int, body: dict):
         group = body["group_id"]
         topics = body["topics"]
-        refusal = self._refusal(group)
+        refusal = self.refusal(group)
         if refusal is not None:
             return {"throttle_time_ms": 0, "topics": [{"name": t["name"], "partitions": [
                 {"partition_index": p["partition_index"], "error_code": refusal} for p in t["partitions"]]}
@@ -169,7 +169,7 @@ class GroupOffsetsApi:
             return FROM_INGEST.get(reply.error_code, UNKNOWN_SERVER_ERROR)
         return UNKNOWN_SERVER_ERROR
 
-    def _refusal(self, group: str) -> int | None:
+    def refusal(self, group: str) -> int | None:
         if not _group_ok(group):
             return INVALID_GROUP_ID
         if not self._coordinates(group):
@@ -185,7 +185,7 @@ class GroupOffsetsApi:
         if every:  # v2+: null asks for every partition the group committed
             topics = [{"name": name, "partition_indexes": list(range(t["partitions"]))}
                       for name, t in sorted(self.w.topics.items())]
-        refusal = self._refusal(group)
+        refusal = self.refusal(group)
         if refusal is not None:
             return {"throttle_time_ms": 0, "topics": [], "error_code": refusal}
         found: dict[tuple[str, int], tuple[int, int]] = {}

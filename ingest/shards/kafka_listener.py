@@ -24,6 +24,7 @@ from ingest.net.kafka import codec
 from ingest.net.kafka.schema import ApiKey
 from ingest.shards.kafka_api import NO_RESPONSE, UNSUPPORTED_VERSION, Deferred, KafkaApi
 from ingest.shards.kafka_groups import GroupOffsetsApi
+from ingest.shards.kafka_membership import Membership
 
 log = logging.getLogger("ingest.kafka")
 
@@ -61,6 +62,9 @@ class KafkaListener:
         self.api.handlers |= {ApiKey.FIND_COORDINATOR: self.groups.find_coordinator,
                               ApiKey.OFFSET_COMMIT: self.groups.offset_commit,
                               ApiKey.OFFSET_FETCH: self.groups.offset_fetch}
+        self.membership = Membership(worker, self.groups.refusal)
+        self.api.handlers |= {ApiKey.JOIN_GROUP: self.membership.join, ApiKey.SYNC_GROUP: self.membership.sync,
+                              ApiKey.HEARTBEAT: self.membership.heartbeat, ApiKey.LEAVE_GROUP: self.membership.leave}
         self.conns: dict[int, Connection] = {}
         port = self.config.worker_port(worker.worker_id)
         self.sock = socket.create_server((worker.config.server.bind, port), backlog=LISTEN_BACKLOG, reuse_port=False)
