@@ -8,8 +8,7 @@ their owners over the ZeroMQ request protocol (OFFSET_COMMIT / OFFSET_FETCH to t
 owner's ROUTER), answering the Kafka client once every owner replied. So a group's
 offsets are one set whichever protocol committed them, and its lag metrics cover both.
 
-Group membership (JoinGroup, SyncGroup, Heartbeat, LeaveGroup) is not served: consumers
-assign() partitions themselves and commit under a group id.
+Group membership (JoinGroup, SyncGroup, Heartbeat, LeaveGroup): kafka_membership.py.
 """
 
 from __future__ import annotations
