@@ -23,11 +23,10 @@ from ingest.clock import mono_ms
 from ingest.config import TOPIC_NAME_RE
 from ingest.net import wire
 from ingest.net.errors import IngestError
-from ingest.shards.kafka_api import (FROM_INGEST, KAFKA_STORAGE_ERROR, NONE, REQUEST_TIMED_OUT,
+from ingest.shards.kafka_api import (FROM_INGEST, INVALID_REQUEST, KAFKA_STORAGE_ERROR, NONE, REQUEST_TIMED_OUT,
                                      UNKNOWN_SERVER_ERROR, Deferred)
 from ingest.topics import owner_of
 
-INVALID_REQUEST = 42
 COORDINATOR_NOT_AVAILABLE = 15
 NOT_COORDINATOR = 16
 INVALID_GROUP_ID = 24

@@ -13,13 +13,11 @@ kafka_frames_invalid_total{reason}; nothing else is affected.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 
 import zmq
 
-from ingest.clock import mono_ms
 from ingest.net.kafka import codec
 from ingest.net.kafka.schema import ApiKey
 from ingest.shards.kafka_api import NO_RESPONSE, UNSUPPORTED_VERSION, Deferred, KafkaApi

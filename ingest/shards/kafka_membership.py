@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from ingest.clock import mono_ms
 from ingest.shards.kafka_api import NONE, Deferred
 
-UNKNOWN_SERVER_ERROR = -1
 ILLEGAL_GENERATION = 22
 INCONSISTENT_GROUP_PROTOCOL = 23
 UNKNOWN_MEMBER_ID = 25
