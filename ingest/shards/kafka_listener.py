@@ -64,6 +64,7 @@ class KafkaListener:
         self.api.handlers |= {ApiKey.JOIN_GROUP: self.membership.join, ApiKey.SYNC_GROUP: self.membership.sync,
                               ApiKey.HEARTBEAT: self.membership.heartbeat, ApiKey.LEAVE_GROUP: self.membership.leave}
         self.conns: dict[int, Connection] = {}
+        self.waiting: set[Connection] = set()  # connections with a deferred response
         port = self.config.worker_port(worker.worker_id)
         self.sock = socket.create_server((worker.config.server.bind, port), backlog=LISTEN_BACKLOG, reuse_port=False)
         self.sock.setblocking(False)
@@ -78,9 +79,10 @@ class KafkaListener:
         self.groups.peers.on_events(events)
         if self.sock.fileno() in events:
             self._accept()
-        for fd, conn in list(self.conns.items()):
-            ev = events.get(fd)
-            if ev is None:
+        # Only the sockets with events: a turn costs nothing per idle connection.
+        for fd, ev in list(events.items()):
+            conn = self.conns.get(fd)
+            if conn is None:
                 continue
             if ev & zmq.POLLIN:
                 self._read(conn)
@@ -89,20 +91,21 @@ class KafkaListener:
 
     def pump(self, t_ms: int) -> None:
         """Answer deferred requests that became ready, then handle what queued behind them."""
-        for conn in list(self.conns.values()):
-            if conn.deferred is not None:
+        for conn in list(self.waiting):
+            if conn.deferred is not None and conn.fd in self.conns:
                 api_key, version, correlation_id, deferred = conn.deferred
                 body = deferred.poll(t_ms)
                 if body is None:
                     continue
                 conn.deferred = None
+                self.waiting.discard(conn)
                 self._respond(conn, api_key, version, correlation_id, body)
                 self._handle_queued(conn)
                 if conn.fd in self.conns:
                     self._write(conn)
 
     def wait_ms(self, t_ms: int, idle_ms: int) -> int:
-        deadlines = [c.deferred[3].deadline_ms for c in self.conns.values()
+        deadlines = [c.deferred[3].deadline_ms for c in self.waiting
                      if c.deferred is not None and c.deferred[3].deadline_ms is not None]
         return max(0, min(deadlines) - t_ms) if deadlines else idle_ms
 
@@ -171,10 +174,15 @@ class KafkaListener:
             except OSError:
                 self._close(conn)
                 return
+            if conn.queued and conn.deferred is None:  # held back by a full output buffer
+                self._handle_queued(conn)
+                if conn.fd not in self.conns:
+                    return
         self._set_events(conn)
 
     def _close(self, conn: Connection) -> None:
         self.conns.pop(conn.fd, None)
+        self.waiting.discard(conn)
         try:
             self.w.poller.unregister(conn.fd)
         except KeyError:
@@ -230,6 +238,7 @@ class KafkaListener:
             return
         if isinstance(result, Deferred):
             conn.deferred = (header.api_key, header.api_version, header.correlation_id, result)
+            self.waiting.add(conn)
             return
         self._respond(conn, header.api_key, header.api_version, header.correlation_id, result)
 
