@@ -20,7 +20,9 @@ from ingest.clock import mono_ms, now_ms
 from ingest.errors import CorruptDataError, OffsetOutOfRangeError
 from ingest.net.errors import ErrorCode, IngestError
 from ingest.net.kafka.schema import ApiKey
+from ingest.replication.leader import READY
 from ingest.shards import layout
+from ingest.shards.requests import _below
 from ingest.topics import owner_of
 
 log = logging.getLogger("ingest.kafka")
@@ -74,6 +76,8 @@ FROM_INGEST = {
     ErrorCode.INVALID_PRODUCER_EPOCH: INVALID_PRODUCER_EPOCH,
     ErrorCode.STORAGE_ERROR: KAFKA_STORAGE_ERROR,
     ErrorCode.SHUTTING_DOWN: NOT_LEADER_OR_FOLLOWER,
+    ErrorCode.NOT_LEADER: NOT_LEADER_OR_FOLLOWER,  # a follower replica appliance
+    ErrorCode.NOT_ENOUGH_REPLICAS: 19,
 }
 # Kafka's acks and the level our group commit reaches for each (a lone appliance's
 # in-sync replica set is itself, so acks=-1 is fsync, as the issue and README say).
@@ -184,7 +188,7 @@ class KafkaApi:
         for topic in body["topics"]:
             rows = []
             for p in topic["partitions"]:
-                row, wait = self._produce_partition(topic["name"], p["index"], p["records"], t)
+                row, wait = self._produce_partition(topic["name"], p["index"], p["records"], t, acks)
                 rows.append(row)
                 if wait is not None:
                     waits.append(wait)
@@ -193,20 +197,34 @@ class KafkaApi:
         reply = {"responses": responses, "throttle_time_ms": 0}
         if acks == ACKS_NONE:
             return NO_RESPONSE
-        if acks == ACKS_LEADER or all(part.log.flushed_offset > last for part, last in waits):
+        if acks == ACKS_LEADER or self._durable(waits, reply):
             return reply
+        return Deferred(lambda _t_ms: reply if self._durable(waits, reply) else None)
 
-        def durable(_t_ms: int):
-            return reply if all(part.log.flushed_offset > last for part, last in waits) else None
-        return Deferred(durable)
+    def _durable(self, waits, reply) -> bool:
+        """acks=-1: fsynced here and, with [replication], held by every in-sync replica (a
+        partition whose in-sync set shrank is answered with its error)."""
+        done = True
+        for part, last in waits:
+            if part.log.flushed_offset <= last:
+                return False
+            try:
+                done = done and self.w.replication.ack_status(part, last) == READY
+            except IngestError as e:
+                for row in (r for t in reply["responses"] for r in t["partitions"] if r["index"] == part.index):
+                    row |= {"error_code": FROM_INGEST.get(e.code, UNKNOWN_SERVER_ERROR), "error_message": e.message}
+        return done
 
-    def _produce_partition(self, topic: str, index: int, records, t_ms: int):
+    def _produce_partition(self, topic: str, index: int, records, t_ms: int, acks: int):
         row = {"index": index, "error_code": NONE, "base_offset": -1, "log_append_time_ms": -1,
                "log_start_offset": -1, "record_errors": [], "error_message": None}
         try:
             if records is None:
                 raise IngestError(ErrorCode.CORRUPT_MESSAGE, "records are null")
             _check_framing(records)
+            self.w.replication.check_leader(index)
+            if acks == ACKS_ALL:
+                self.w.replication.check_acks_all(self.w.requests.partition(topic, index))
             part, _header, base, last, duplicate = self.w.requests.accept_batch(topic, index, records, t_ms)
         except IngestError as e:
             if e.code == ErrorCode.CORRUPT_MESSAGE:
@@ -236,7 +254,8 @@ class KafkaApi:
         deadline = mono_ms() + wait_ms
 
         def arrived(t_ms: int):
-            if t_ms >= deadline or self.w.stopping or any(part.log.log_end_offset > offset for part, offset in wanted):
+            if t_ms >= deadline or self.w.stopping or any(
+                    self.w.replication.high_watermark(part) > offset for part, offset in wanted):
                 return self._fetch_once(body)[0]
             return None
         return Deferred(arrived, deadline)
@@ -268,6 +287,7 @@ class KafkaApi:
                "records": b""}
         try:
             part = self.w.requests.partition(topic, index)
+            self.w.replication.check_leader(index)
             lg = part.log
             # Past the budget a later partition gets nothing this time (but the first one
             # always gets its first batch, however large, so that a consumer progresses).
@@ -280,7 +300,10 @@ class KafkaApi:
         except (CorruptDataError, OSError) as e:
             log.error("kafka fetch of %s-%d at %d: %s", topic, index, offset, e)
             return row | {"error_code": KAFKA_STORAGE_ERROR}
-        return row | {"high_watermark": lg.log_end_offset, "last_stable_offset": lg.log_end_offset,
+        high_watermark = self.w.replication.high_watermark(part)  # the log end without [replication]
+        if high_watermark < lg.log_end_offset:
+            data = _below(data, high_watermark)
+        return row | {"high_watermark": high_watermark, "last_stable_offset": high_watermark,
                       "log_start_offset": lg.log_start_offset, "records": data}
 
     # ---- offsets and producer ids ------------------------------------------------------
@@ -297,11 +320,12 @@ class KafkaApi:
     def _list_offset(self, topic: str, index: int, timestamp_ms: int) -> dict:
         row = {"partition_index": index, "error_code": NONE, "timestamp": -1, "offset": -1, "leader_epoch": -1}
         try:
-            lg = self.w.requests.partition(topic, index).log
+            part = self.w.requests.partition(topic, index)
+            lg = part.log
             if timestamp_ms == EARLIEST_TIMESTAMP:
                 return row | {"offset": lg.log_start_offset}
-            if timestamp_ms == LATEST_TIMESTAMP:
-                return row | {"offset": lg.log_end_offset}
+            if timestamp_ms == LATEST_TIMESTAMP:  # what a consumer may read: the high watermark
+                return row | {"offset": self.w.replication.high_watermark(part)}
             found = lg.offset_for_timestamp(timestamp_ms)
         except IngestError as e:
             return row | {"error_code": FROM_INGEST.get(e.code, UNKNOWN_SERVER_ERROR)}
