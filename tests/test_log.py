@@ -238,14 +238,42 @@ def test_a_flush_after_a_roll_syncs_the_sealed_segment_and_moves_the_recovery_po
     assert recovery_point == log.active.base_offset
 
 
-def test_close_leaves_the_clean_shutdown_marker_and_open_removes_it(tmp_path):
+def test_close_leaves_the_clean_shutdown_marker_and_the_first_append_removes_it(tmp_path):
     log = Log(tmp_path / "t-0")
     fill(log, 5)
     log.close()
     assert (tmp_path / "t-0" / CLEAN_SHUTDOWN_FILE).exists()
     reopened = Log(tmp_path / "t-0")
-    assert not (tmp_path / "t-0" / CLEAN_SHUTDOWN_FILE).exists()
+    assert (tmp_path / "t-0" / CLEAN_SHUTDOWN_FILE).exists()
     assert reopened.flushed_offset == reopened.log_end_offset
+    fill(reopened, 1, seed=1)
+    assert not (tmp_path / "t-0" / CLEAN_SHUTDOWN_FILE).exists()
+    reopened.close()
+    assert (tmp_path / "t-0" / CLEAN_SHUTDOWN_FILE).exists()
+
+
+def _file_stamps(directory) -> dict[str, tuple[int, int]]:
+    return {e.name: (e.stat().st_ino, e.stat().st_mtime_ns) for e in os.scandir(directory)}
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["new", "written before"])
+def test_closing_a_log_untouched_since_its_open_writes_and_fsyncs_nothing(tmp_path, written, monkeypatch):
+    log = Log(tmp_path / "t-0")
+    if written:
+        fill(log, 5)
+    log.close()
+    stamps = _file_stamps(tmp_path / "t-0")
+    reopened = Log(tmp_path / "t-0")
+    reopened.read(0, 1 << 20)
+    syncs = []
+    for name in ("fsync", "fdatasync"):  # counted, then done for real
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, real=real: (syncs.append(fd), real(fd))[1])
+    reopened.close()
+    monkeypatch.undo()
+    assert syncs == [], "closing an untouched log fsynced"
+    assert _file_stamps(tmp_path / "t-0") == stamps, "a file was rewritten or replaced"
+    assert not Log(tmp_path / "t-0").recovered_by_scan
 
 
 @pytest.mark.parametrize("bad", [dict(segment_bytes=10), dict(retention_ms=-2),

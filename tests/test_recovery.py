@@ -125,8 +125,15 @@ def test_a_clean_shutdown_marker_lets_open_skip_the_scan(tmp_path):
     assert not reopened.recovered_by_scan and reopened.segments_scanned == 0
     assert reopened.log_end_offset == end
     assert [s.offset_index.entries() for s in reopened.segments] == entries
+    # Untouched since the clean close: the marker stays, a crash now finds the files clean.
+    assert (tmp_path / "t-0" / CLEAN_SHUTDOWN_FILE).exists()
+    untouched = Log(restore(crash_image(tmp_path / "t-0"), tmp_path / "untouched"), CONFIG)
+    assert not untouched.recovered_by_scan and untouched.log_end_offset == end
+    untouched.close()
+    # The first append removes it, so a crash from there on is recovered by a scan.
+    reopened.append(make_batch(count=2, seed=99))
+    end += 2
     assert not (tmp_path / "t-0" / CLEAN_SHUTDOWN_FILE).exists()
-    # The marker is gone, so a crash from here on is recovered by a scan.
     image = crash_image(tmp_path / "t-0")
     crashed = Log(restore(image, tmp_path / "crashed"), CONFIG)
     assert crashed.recovered_by_scan and crashed.segments_scanned >= 1

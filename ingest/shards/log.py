@@ -4,8 +4,12 @@ recovery. One Log per partition directory, driven by one worker thread.
 Files in the partition directory, besides the segments:
     recovery-point   decimal base offset of the first segment that may hold unsynced
                      bytes; every segment before it was fsynced whole, indexes included
-    clean-shutdown   exists only from close() to the next open: every byte and index was
-                     fsynced, so open trusts the files and skips the scan
+    clean-shutdown   every byte and index on disk was fsynced and the files are exactly as
+                     close() left them, so open trusts them and skips the scan. It stays
+                     while the log is untouched after an open (or its creation) and is
+                     removed, durably, before the first change: closing a log nobody wrote
+                     to since then costs no write and no fsync (a drain of thousands of
+                     idle partitions stays quick)
 
 Offsets: log_start_offset <= flushed_offset <= log_end_offset. Everything below
 flushed_offset is fdatasynced; everything below log_end_offset is in the page cache.
@@ -156,6 +160,8 @@ class Log:
         self._first_unflushed_ms: int | None = None
         self._offline: OSError | None = None
         self._closed = False
+        # The clean-shutdown marker is on disk: nothing changed since it was written.
+        self._clean_on_disk = False
         try:
             self._open()
         except OSError as err:
@@ -209,6 +215,10 @@ class Log:
         if not base_offsets:
             self._segments = [Segment.create(self.directory, 0, self.config.index_interval_bytes,
                                              wall_ms())]
+            # Empty files are already what close() would leave: mark them clean, so an
+            # unused new partition costs nothing to close (the directory fsync in
+            # _write_recovery_point makes the marker durable with the new files).
+            self._best_effort(self._write_clean_marker, "writing the clean-shutdown marker")
             self._best_effort(lambda: self._write_recovery_point(0), "writing the recovery point")
             # The partition directory itself may be new (whoever created it): make its
             # entry in the data directory durable before anything in it is acknowledged.
@@ -219,10 +229,27 @@ class Log:
             self._recover(base_offsets)
         self._base_offsets = [segment.base_offset for segment in self._segments]
         self._flushed_offset = self.log_end_offset
-        if clean:
-            # A crash from now on must force a scan: the removal has to be durable.
-            marker.unlink()
+        # A trusted open leaves the files as they were (any index it had to rebuild was
+        # written and fsynced): the marker stays until the first change.
+        self._clean_on_disk = clean or self._clean_on_disk
+
+    def _write_clean_marker(self) -> None:
+        """Create the clean-shutdown marker (durable with the next directory fsync)."""
+        fd = os.open(self.directory / CLEAN_SHUTDOWN_FILE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+        self._clean_on_disk = True
+
+    def _leave_clean_state(self) -> None:
+        """Durably remove the clean-shutdown marker before the first change to the files:
+        a crash from then on must make the next open scan."""
+        if not self._clean_on_disk:
+            return
+        try:
+            (self.directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
             fsync_directory(self.directory)
+        except OSError as err:
+            raise storage_error(err, f"removing the clean-shutdown marker in {self.directory}") from err
+        self._clean_on_disk = False
 
     def _list_segments(self) -> list[int]:
         """Base offsets of the .log files; drops index files without a .log (a deletion
@@ -386,6 +413,7 @@ class Log:
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
         last_offset_delta, max_timestamp_ms = self._check_batch(view)
+        self._leave_clean_state()
         base_offset = self.log_end_offset
         last_offset = base_offset + last_offset_delta
         try:
@@ -591,6 +619,7 @@ class Log:
         indexes and report any corrupt batch (never served). Nothing is cut: after a clean
         shutdown every byte was acknowledged; the active segment's appends move to a new
         segment instead."""
+        self._leave_clean_state()
         i = self._segments.index(segment)
         if segment is not self.active:
             self._recover_sealed(segment, self._segments[i + 1].base_offset)
@@ -656,6 +685,7 @@ class Log:
         return deleted
 
     def _delete_oldest(self) -> None:
+        self._leave_clean_state()
         segment = self._segments.pop(0)
         self._base_offsets.pop(0)
         if segment in self._unsynced:
@@ -673,14 +703,17 @@ class Log:
 
     def close(self) -> None:
         """Flush, seal the active segment's indexes, fsync them and leave the
-        clean-shutdown marker so the next open skips the scan. Idempotent. After a failed
+        clean-shutdown marker so the next open skips the scan; a log untouched since its
+        marker was written is only closed (no write, no fsync). Idempotent. After a failed
         flush (offline log) only the files are closed: the next open scans. If only the
         indexes cannot be written (a full disk), the data is flushed and no marker is
         left: the next open scans and rebuilds them."""
         if self._closed:
             return
         try:
-            if self._offline is None:
+            if self._clean_on_disk:
+                pass  # untouched since the marker was written: the files are already clean
+            elif self._offline is None:
                 self.flush()
                 try:
                     self.active.seal()
@@ -689,9 +722,7 @@ class Log:
                     logger.warning("writing the indexes of %s failed (%s): the next open scans",
                                    self.active.path, err)
                     return
-                fd = os.open(self.directory / CLEAN_SHUTDOWN_FILE,
-                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                os.close(fd)
+                self._write_clean_marker()
                 fsync_directory(self.directory)
         except OSError as err:
             raise storage_error(err, f"closing the log in {self.directory}") from err

@@ -38,6 +38,9 @@ class Partition:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.log = Log(self.directory, config)
         self.groups = GroupOffsets(self.directory)
+        # The log end offset the snapshot on disk was taken at, while it equals memory
+        # (None: memory differs): close skips rewriting an unchanged snapshot.
+        self._snapshot_end: int | None = None
         self.producers = self._load_producer_state(now_ms)
         self.epochs = LeaderEpochCache(self.directory)
         # A crash may have cut a tail the checkpoint had already seen.
@@ -54,6 +57,8 @@ class Partition:
     def _load_producer_state(self, now_ms: int) -> ProducerState:
         state, covered = ProducerState.load(self.directory)
         end = self.log.log_end_offset
+        if covered == end:  # nothing to rebuild nor to cut: memory will equal the file
+            self._snapshot_end = end
         if covered > end:
             # The log lost a torn tail the snapshot had seen: its newest entries may name
             # offsets that no longer exist. Rebuild from the start of what is kept.
@@ -116,8 +121,14 @@ class Partition:
         """Snapshot producer state now and then; it covers everything below log end."""
         if self.producers.producers and now_ms - self._snapshot_ms >= PRODUCER_SNAPSHOT_INTERVAL_MS:
             self.producers.expire(now_ms)
-            self.producers.save(self.directory, self.log.log_end_offset)
+            self._save_producers()
             self._snapshot_ms = now_ms
+
+    def _save_producers(self) -> None:
+        end = self.log.log_end_offset
+        self._snapshot_end = None  # a failed write may have left either version
+        self.producers.save(self.directory, end)
+        self._snapshot_end = end
 
     def gauges(self, now_ms: int, high_watermark: int) -> list[tuple[str, dict, float]]:
         """This partition's offsets, size and consumer-group lag, for the metrics snapshot."""
@@ -145,10 +156,12 @@ class Partition:
         return 0.0
 
     def close(self) -> None:
-        """Flush, snapshot producer state and mark the log cleanly shut down."""
+        """Flush, snapshot producer state and mark the log cleanly shut down. A partition
+        not appended to since its last snapshot and clean marker writes nothing."""
         self.log.flush()
         try:
-            self.producers.save(self.directory, self.log.log_end_offset)
+            if self._snapshot_end != self.log.log_end_offset:
+                self._save_producers()
         except OSError as e:  # an optimisation (e.g. a full disk): the next open rebuilds it from the log
             log.warning("%s-%d: producer state snapshot failed: %s", self.topic, self.index, e)
         self.log.close()
