@@ -22,6 +22,7 @@ Example (every key optional):
 
     [limits]
     max_record_bytes = 1048576
+    topics_max = 256         # topics created at run time (CREATE_TOPIC, auto-create) stop here
 
     [security]
     curve = true             # encrypt and authenticate every connection (ZeroMQ CURVE)
@@ -120,6 +121,13 @@ class LimitsConfig:
     pull_rcvhwm: int = 100_000
     router_rcvhwm: int = 10_000
     forward_sndhwm: int = 100_000
+    # Topics the appliance creates at run time (CREATE_TOPIC, auto-create by PUSH) stop
+    # at this many in all; topics declared in the config always exist. Every partition
+    # holds open files, is fsynced on drain if written and is listed in every METADATA
+    # answer and topic-table broadcast: without a bound, any client that can reach a
+    # port (a fuzzer, a firmware bug naming topics by serial number) grows all of that
+    # without end. Telemetry needs a handful of topics; raise it if you need more.
+    topics_max: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +271,8 @@ def validate(config: Config) -> None:
     for name, port in (("port", s.port), ("metrics_port", s.metrics_port)):
         if not 0 < port < 65536:
             raise ConfigError(f"[server] {name} must be 1..65535, got {port}")
+    if config.limits.topics_max < 1:
+        raise ConfigError(f"[limits] topics_max must be at least 1, got {config.limits.topics_max}")
     if config.limits.max_record_bytes > config.storage.max_batch_bytes:
         raise ConfigError("[limits] max_record_bytes must not exceed [storage] max_batch_bytes")
     names = [t.name for t in config.topics]

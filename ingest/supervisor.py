@@ -32,7 +32,7 @@ from ingest.replication.peers import SupervisorReplication
 from ingest.sdnotify import Notifier, watchdog_interval_ms
 from ingest.security import CurveGuard
 from ingest.streams.sinks import sinks_to_create
-from ingest.topics import TopicRegistry, write_atomically
+from ingest.topics import TopicLimitError, TopicRegistry, write_atomically
 
 log = logging.getLogger("ingest.supervisor")
 
@@ -230,7 +230,7 @@ class Supervisor:
                 w.status = msg.get("status", {})
                 self.store.update(w.worker_id, w.incarnation, msg.get("metrics", {}))
             elif kind == "create_topic" and self.replication.may_create_topics():
-                self._create_topic(msg["topic"], self.config.partitions_default)
+                self._create_topic_for_push(w, msg["topic"])
             elif kind == "fenced" and self.replication.fenced(msg["leader_epoch"]):
                 self._broadcast_replication()
 
@@ -258,13 +258,22 @@ class Supervisor:
         if self.replication.poll():
             self._broadcast_replication()
         for name, partitions in self.replication.topics_to_create(self.topics.as_dict()):
-            try:
-                self._create_topic(name, partitions)
+            try:  # the leader's topics are mirrored whatever this appliance's topics_max
+                self._create_topic(name, partitions, bounded=False)
             except (ConfigError, ValueError) as e:
                 log.error("the leader's topic %r cannot be created here: %s", name, e)
 
-    def _create_topic(self, name: str, partitions: int, raw_port: int | None = None) -> bool:
-        created = self.topics.create(TopicConfig(name, partitions, raw_port))
+    def _create_topic_for_push(self, w: WorkerHandle, name: str) -> None:
+        """Auto-create for PUSH records a worker holds; a refusal lets it drop and count them."""
+        try:
+            self._create_topic(name, self.config.partitions_default)
+        except (TopicLimitError, ConfigError) as e:
+            log.warning("auto-create refused: %s", e)
+            self._send_control(w, {"t": "topic_refused", "topic": name})
+
+    def _create_topic(self, name: str, partitions: int, raw_port: int | None = None, bounded: bool = True) -> bool:
+        topics_max = self.config.limits.topics_max if bounded else None
+        created = self.topics.create(TopicConfig(name, partitions, raw_port), topics_max)
         if created:
             log.info("topic %s created with %d partitions", name, partitions)
         try:
@@ -317,6 +326,8 @@ class Supervisor:
             try:
                 created = self._create_topic(request.topic, request.partitions or self.config.partitions_default,
                                              int(raw_port) if raw_port else None)
+            except TopicLimitError as e:
+                raise IngestError(ErrorCode.TOPIC_LIMIT_REACHED, str(e)) from None
             except (ConfigError, ValueError, TypeError) as e:
                 raise IngestError(ErrorCode.INVALID_TOPIC, str(e)) from None
             return wire.CreateTopicReply({"created": created, **self.metadata()}, request.correlation_id).encode()

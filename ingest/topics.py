@@ -21,6 +21,10 @@ from ingest.config import ConfigError, TopicConfig
 TOPICS_FILE = "topics.json"
 
 
+class TopicLimitError(Exception):
+    """A new topic would exceed [limits] topics_max; nothing was created."""
+
+
 def owner_of(partition: int, workers: int) -> int:
     return partition % workers
 
@@ -59,8 +63,9 @@ class TopicRegistry:
     def as_dict(self) -> dict[str, dict]:
         return {n: {"partitions": t.partitions, "raw_port": t.raw_port} for n, t in sorted(self._topics.items())}
 
-    def create(self, topic: TopicConfig) -> bool:
-        """Add `topic`; False if it exists with the same partitions, ConfigError if it differs.
+    def create(self, topic: TopicConfig, topics_max: int | None = None) -> bool:
+        """Add `topic`; False if it exists with the same partitions, ConfigError if it differs,
+        TopicLimitError if it is new and `topics_max` topics exist already.
 
         Shrinking a topic would move keys between partitions and orphan data: refused.
         Growing is refused too, for now, since it remaps keys (Kafka warns of the same).
@@ -77,6 +82,9 @@ class TopicRegistry:
                 self._save()
                 return True
             return False
+        if topics_max is not None and len(self._topics) >= topics_max:
+            raise TopicLimitError(f"topic {topic.name!r} not created: the appliance holds "
+                                  f"{len(self._topics)} topics, [limits] topics_max is {topics_max}")
         used = {t.raw_port for t in self._topics.values() if t.raw_port}
         if topic.raw_port and topic.raw_port in used:
             raise ConfigError(f"raw_port {topic.raw_port} is already used by another topic")

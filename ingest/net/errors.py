@@ -69,6 +69,8 @@ class ErrorCode(IntEnum):
         "this appliance is a follower replica: refresh METADATA and send to the leader appliance")
     FENCED_LEADER_EPOCH = 21, True, (
         "the appliance was replaced as leader (a newer leader epoch exists): refresh METADATA")
+    TOPIC_LIMIT_REACHED = 22, False, (
+        "the appliance holds [limits] topics_max topics: use an existing topic, or the operator raises the limit")
 
 
 def describe(code: int) -> str:

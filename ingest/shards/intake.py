@@ -302,11 +302,11 @@ class RecordIntake:
         records = 1
         try:
             msg = wire.decode_request(frame)
-            if msg.topic not in self.w.topics and self.w.config.server.auto_create_topics:
-                self.w.park(msg.topic, frame)
-                return
             # The wire codec checked the batch's framing: its header is there to read.
             records = batch_codec.parse_header(msg.batch).last_offset_delta + 1
+            if msg.topic not in self.w.topics and self.w.config.server.auto_create_topics:
+                self.w.park(msg.topic, frame, records)
+                return
             if not self.w.owns(msg.partition) and msg.topic in self.w.topics:
                 self.w.forward_batch(msg.topic, msg.partition, msg.batch, records)
                 return

@@ -17,7 +17,7 @@ from collections import defaultdict
 # Upper bounds in seconds: from a page-cache append (~100 us) to a stalled disk (seconds).
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Why fire-and-forget records that were valid could not be stored.
-DROP_REASONS = ("disk_full", "storage_error", "forward_queue_full", "unknown_topic_backlog")
+DROP_REASONS = ("disk_full", "storage_error", "forward_queue_full", "unknown_topic_backlog", "topic_limit")
 _BUCKET_LABELS = tuple(repr(b) for b in LATENCY_BUCKETS_S) + ("+Inf",)
 
 

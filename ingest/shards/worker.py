@@ -111,6 +111,7 @@ class Worker:
         self.pull: zmq.Socket | None = None  # bound once the partitions are open
         self.forward: dict[int, zmq.Socket] = {}
         self.parked: dict[str, list[bytes]] = {}
+        self.parked_records: dict[str, int] = {}  # records in the parked frames, by topic
         self.parked_count = 0
         self.disk_full = False
         self.stopping = False
@@ -208,6 +209,8 @@ class Worker:
                     self.replication.apply(msg["replication"])
             elif msg["t"] == "replication":
                 self.replication.apply(msg["replication"])
+            elif msg["t"] == "topic_refused":
+                self._drop_parked(msg["topic"])
             elif msg["t"] == "shutdown":
                 self.stopping = True
 
@@ -218,20 +221,31 @@ class Worker:
     def request_topic(self, topic: str) -> None:
         self._send_control({"t": "create_topic", "topic": topic})
 
-    def park(self, topic: str, frame: bytes) -> None:
-        """Hold a PUSH record for a topic being created; drop and count past the bound."""
+    def park(self, topic: str, frame: bytes, records: int = 1) -> None:
+        """Hold a PUSH frame for a topic being created; drop and count past the bounds
+        (frames parked, [limits] topics_max, which the supervisor enforces too)."""
+        if topic not in self.parked and len(self.topics) >= self.config.limits.topics_max:
+            self.probe.dropped("topic_limit", records)
+            return
         if self.parked_count >= UNKNOWN_TOPIC_PARKED_MAX:
-            self.probe.dropped("unknown_topic_backlog")
+            self.probe.dropped("unknown_topic_backlog", records)
             return
         if topic not in self.parked:
             self.request_topic(topic)
         self.parked.setdefault(topic, []).append(frame)
+        self.parked_records[topic] = self.parked_records.get(topic, 0) + records
         self.parked_count += 1
+
+    def _drop_parked(self, topic: str) -> None:
+        """The supervisor refused to create `topic`: its parked records are dropped."""
+        self.parked_count -= len(self.parked.pop(topic, ()))
+        self.probe.dropped("topic_limit", self.parked_records.pop(topic, 0))
 
     def _release_parked(self) -> None:
         ready = [t for t in self.parked if t in self.topics]
         for topic in ready:
             frames = self.parked.pop(topic)
+            self.parked_records.pop(topic, None)
             self.parked_count -= len(frames)
             self.intake.on_frames(frames, mono_ms(), now_ms())
 
