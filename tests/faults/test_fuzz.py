@@ -4,8 +4,9 @@ soak mode), with acked producers running alongside.
 The generator is the one of tests/test_appliance.py (valid frames of every request type,
 then cut short, a few bytes overwritten, or replaced by random bytes), plus RecordBatches
 with flipped bits. The promises: no worker dies of input, every acked record of the
-producers beside the fuzz is stored exactly once at its offset, and the data directory
-passes `ingest check` afterwards.
+producers beside the fuzz is stored exactly once at its offset, the topics the fuzz
+creates stop at [limits] topics_max, a SIGTERM drain afterwards exits 0, and the data
+directory passes `ingest check`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import psutil
 import zmq
 
+from ingest.config import LimitsConfig
 from ingest.net import wire
 from ingest.shards import batch as batch_codec
 from tests.faults.harness import (
@@ -123,7 +125,10 @@ def test_fuzzed_frames_never_kill_a_worker_nor_touch_acked_records(tmp_path, led
         assert eventually(lambda: metric_value(app.metrics_text(), "ingest_frames_invalid_total") > 0)
         row.notes["frames_invalid"] = int(metric_value(app.metrics_text(), "ingest_frames_invalid_total"))
         row.notes["topics"] = len(app.metadata(timeout_ms=BOOTSTRAP_TIMEOUT_MS)["topics"])
+        assert row.notes["topics"] <= LimitsConfig().topics_max, "topic creation is not bounded"
+        started = time.monotonic()
         assert app.stop() == 0
+        row.notes["drain_s"] = round(time.monotonic() - started, 2)
     finally:
         for p in producers:
             p.request_stop()
