@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ingest.errors import CorruptDataError
+from ingest.shards.check import check_partition_dir
 from ingest.shards.log import CLEAN_SHUTDOWN_FILE, Log, LogConfig
 from tests.kafka_batches import kafka_index_entries, make_batch, parse_batches
 
@@ -306,3 +307,21 @@ def test_rot_at_rest_after_a_clean_shutdown_is_found_on_read_and_never_served(tm
     base, _ = reopened.append(make_batch(count=2))
     assert base == end and len(parse_batches(reopened.read(base, 1 << 20))) == 1
     reopened.close()
+
+
+@pytest.mark.parametrize("damaged", [".index", ".timeindex"])
+def test_indexes_repaired_by_a_trusted_open_are_left_as_a_clean_close_leaves_them(tmp_path, damaged):
+    """The marker stays while the log is untouched, so the repair must leave exactly what a
+    clean close would: the active segment sealed (its time index ends at its largest
+    timestamp), or `ingest check` and the next open would find it stale."""
+    log = Log(tmp_path / "t-0", CONFIG)
+    log.append(make_batch(count=1, value_bytes=10, seed=1, timestamp_ms=5_000))
+    log.close()
+    Path(log.active.path).with_suffix(damaged).unlink()
+    reopened = Log(tmp_path / "t-0", CONFIG)
+    assert not reopened.recovered_by_scan
+    reopened.close()  # untouched since its open: writes nothing
+    assert check_partition_dir(tmp_path / "t-0") == []
+    again = Log(tmp_path / "t-0", CONFIG)
+    assert again.segments_scanned == 0 and again.active.largest_timestamp_ms == 5_000
+    again.close()

@@ -286,6 +286,9 @@ class Log:
             else:
                 self._recover_tail(i)
                 segment.flush()
+                # Sealed, as the clean close that left the marker did: the marker stays
+                # while the log is untouched, so the files must be what close() leaves.
+                self._best_effort(segment.seal, f"writing the indexes of {segment.path}")
                 self._best_effort(segment.flush_indexes, f"writing the indexes of {segment.path}")
         self._recovery_point = self._read_recovery_point()
 
