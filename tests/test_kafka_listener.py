@@ -283,7 +283,7 @@ def test_kafka_metrics_pass_promtool_check_metrics(app):
     text = app.metrics_text()
     assert "ingest_kafka_connections_total" in text and "ingest_kafka_frames_invalid_total" in text
     promtool = shutil.which("promtool")
-    assert promtool, "promtool missing: sh tests/deploy-deps.sh"
+    assert promtool, "promtool missing: sh tests/install-deps.sh"
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout + check.stderr == "", check.stdout + check.stderr
 

@@ -2,7 +2,7 @@
 persistence in a temporary directory) and a real `ingest serve`; MQTT messages are
 published by a paho client and read back through the SDK.
 
-Needs the mosquitto package (tests/device-deps.sh) and paho-mqtt (the `test` extra)."""
+Needs the mosquitto package (tests/install-deps.sh) and paho-mqtt (the `test` extra)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 own network namespace, joined to the leader's by a veth pair (cut: link down; delay:
 tc netem, where the kernel has it).
 
-Needs root (network namespaces) and iproute2 (`ip`, `tc`: tests/replication-deps.sh,
+Needs root (network namespaces) and iproute2 (`ip`, `tc`: tests/install-deps.sh,
 run by `make test-deps`).
 """
 
@@ -23,7 +23,7 @@ from tests.support import Appliance, create_topic, eventually, metric_value
 from tests.test_replication import PARTITIONS, REPLICA_LAG_MAX_MS, TOPIC, _batch, _in_sync, _produce
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),
-                                reason="network namespaces need root and iproute2 (sh tests/replication-deps.sh)")
+                                reason="network namespaces need root and iproute2 (sh tests/install-deps.sh)")
 
 LEADER_IP, FOLLOWER_IP = "10.231.7.1", "10.231.7.2"
 LINK_DELAY_MS = 40
