@@ -1,9 +1,14 @@
-"""Replication over a link that can be cut and delayed: the follower appliance runs in its
-own network namespace, joined to the leader's by a veth pair (cut: link down; delay:
-tc netem, where the kernel has it).
+"""Replication over a link that can be cut and delayed. Three network namespaces: the
+leader in this one, a middle one, the follower in its own, joined by two veth pairs.
+Nothing is routed through the middle: it runs two TCP relays (tests/delay_relay.py),
+one on the address the leader advertises, which delays every byte in each direction,
+so every connection the follower opens to the leader (bootstrap, fetches) crosses the
+delay, and one undelayed on the follower's address as seen from this namespace (the
+leader's peer checks, the follower's metrics). Relays rather than tc netem: they run on
+kernels without sch_netem. Cut: the leader's end of the first veth goes down.
 
-Needs root (network namespaces) and iproute2 (`ip`, `tc`: tests/install-deps.sh,
-run by `make test-deps`).
+Needs root (network namespaces) and iproute2 (`ip`: tests/install-deps.sh, run by
+`make test-deps`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -22,10 +28,13 @@ from ingest.net.errors import ErrorCode
 from tests.support import Appliance, create_topic, eventually, metric_value
 from tests.test_replication import PARTITIONS, REPLICA_LAG_MAX_MS, TOPIC, _batch, _in_sync, _produce
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                 reason="network namespaces need root and iproute2 (sh tests/install-deps.sh)")
 
-LEADER_IP, FOLLOWER_IP = "10.231.7.1", "10.231.7.2"
+# The middle namespace's two addresses are the relays: FOLLOWER_FACE_IP leads to the
+# follower, RELAY_IP to the leader (delayed).
+LEADER_IP, FOLLOWER_FACE_IP = "10.231.7.1", "10.231.7.2"
+RELAY_IP, FOLLOWER_IP = "10.231.8.1", "10.231.8.2"
 LINK_DELAY_MS = 40
 
 
@@ -80,33 +89,67 @@ fetch_max_wait_ms = 200
 """
 
 
+def _start_relay(netns: str, listen: str, connect: str, ports: list[int], delay_ms: int) -> subprocess.Popen:
+    relay = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "tests.delay_relay",
+                              "--listen", listen, "--connect", connect, "--ports", ",".join(map(str, ports)),
+                              "--delay-ms", str(delay_ms)], stdout=subprocess.PIPE, text=True)
+    assert relay.stdout.readline().strip() == "ready", "the relay did not start"
+    return relay
+
+
+def _veth(netns_a: str | None, dev_a: str, ip_a: str, netns_b: str, dev_b: str, ip_b: str) -> None:
+    """A veth pair from dev_a (in netns_a; None: this namespace) to dev_b in netns_b, one /30."""
+    _sh("ip", "link", "add", dev_a, "type", "veth", "peer", "name", dev_b)
+    for netns, dev, ip in ((netns_a, dev_a, ip_a), (netns_b, dev_b, ip_b)):
+        in_netns: tuple[str, ...] = ()
+        if netns is not None:
+            _sh("ip", "link", "set", dev, "netns", netns)
+            in_netns = ("ip", "netns", "exec", netns)
+        _sh(*in_netns, "ip", "addr", "add", f"{ip}/30", "dev", dev)
+        _sh(*in_netns, "ip", "link", "set", dev, "up")
+
+
+def _ports(app: Appliance) -> list[int]:
+    """The bootstrap port and every worker's two ports."""
+    return [app.port + i for i in range(1 + 2 * app.workers)]
+
+
 @pytest.fixture
-def link(tmp_path):
-    """(leader in this namespace, follower in its own, the leader's end of the veth)."""
+def link(tmp_path, request):
+    """(leader in this namespace, follower in its own, the leader's end of the first veth).
+
+    Indirect parameter: the one-way delay in ms between follower and leader (default 0)."""
+    delay_ms = getattr(request, "param", 0)
     suffix = secrets.token_hex(3)
-    netns, here, there = f"ingest-{suffix}", f"ing{suffix}a", f"ing{suffix}b"
-    _sh("ip", "netns", "add", netns)
+    middle, far = f"ingest-{suffix}m", f"ingest-{suffix}f"
+    here, middle_a, middle_b, there = (f"ing{suffix}{end}" for end in "abcd")
     apps: list[Appliance] = []
+    relays: list[subprocess.Popen] = []
     try:
-        _sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
-        _sh("ip", "link", "set", there, "netns", netns)
-        _sh("ip", "addr", "add", f"{LEADER_IP}/30", "dev", here)
-        _sh("ip", "link", "set", here, "up")
-        _sh("ip", "netns", "exec", netns, "ip", "addr", "add", f"{FOLLOWER_IP}/30", "dev", there)
-        _sh("ip", "netns", "exec", netns, "ip", "link", "set", there, "up")
-        _sh("ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up")
+        for netns in (middle, far):
+            _sh("ip", "netns", "add", netns)
+            _sh("ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up")
+        _veth(None, here, LEADER_IP, middle, middle_a, FOLLOWER_FACE_IP)
+        _veth(middle, middle_b, RELAY_IP, far, there, FOLLOWER_IP)
         leader = Appliance(tmp_path / "a", workers=2)
-        follower = NamespacedAppliance(tmp_path / "b", netns, FOLLOWER_IP, workers=2)
-        leader.config_text = _config(follower.bootstrap, "leader", LEADER_IP)
-        follower.config_text = _config(f"tcp://{LEADER_IP}:{leader.port}", "follower", FOLLOWER_IP)
+        follower = NamespacedAppliance(tmp_path / "b", far, FOLLOWER_FACE_IP, workers=2)
+        leader.config_text = _config(follower.bootstrap, "leader", RELAY_IP)
+        follower.config_text = _config(f"tcp://{RELAY_IP}:{leader.port}", "follower", FOLLOWER_FACE_IP)
         apps += [leader, follower]
+        relays.append(_start_relay(middle, RELAY_IP, LEADER_IP, _ports(leader), delay_ms))
+        relays.append(_start_relay(middle, FOLLOWER_FACE_IP, FOLLOWER_IP,
+                                   _ports(follower) + [follower.metrics_port], 0))
         yield leader, follower, here
     finally:
         for app in apps:
             if app.process is not None:
                 app.kill()
+        for relay in relays:
+            relay.kill()
+            relay.wait(timeout=10)
         subprocess.run(["ip", "link", "del", here], capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        for netns in (middle, far):
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
 def _acks_all_ms(leader, partition: int, value: bytes) -> float:
@@ -125,20 +168,11 @@ def _start_in_sync(leader, follower) -> None:
     assert eventually(lambda: _in_sync(leader, 2), timeout_s=30), leader.metrics_text()
 
 
-def _netem_available(veth: str) -> bool:
-    ok = subprocess.run(["tc", "qdisc", "add", "dev", veth, "root", "netem", "delay", "0ms"],
-                        capture_output=True).returncode == 0
-    subprocess.run(["tc", "qdisc", "del", "dev", veth, "root"], capture_output=True)
-    return ok
-
-
+@pytest.mark.parametrize("link", [LINK_DELAY_MS], indirect=True)
 def test_acks_all_waits_for_the_follower_over_a_delayed_link(link):
-    leader, follower, veth = link
-    if not _netem_available(veth):
-        pytest.skip("this kernel has no sch_netem (tc qdisc ... netem)")
+    leader, follower, _ = link
     _start_in_sync(leader, follower)
-    _sh("tc", "qdisc", "add", "dev", veth, "root", "netem", "delay", f"{LINK_DELAY_MS}ms")
-    # Each acks=all reply waits for a follower fetch that crosses the link.
+    # Each acks=all reply waits for a follower fetch that crosses the delayed link.
     assert min(_acks_all_ms(leader, 0, b"delayed-%d" % i) for i in range(5)) >= LINK_DELAY_MS
     assert _in_sync(leader, 2)
 
