@@ -6,7 +6,7 @@
 #   gcc libc6-dev make pkg-config           tests/test_device.py builds examples/c
 #   libzmq3-dev                             libzmq's headers for examples/c
 #   mosquitto                               tests/test_mqtt_bridge.py's broker
-#   iproute2 (ip, tc)                       tests/test_replication_netns.py
+#   iproute2 (ip)                           tests/test_replication_netns.py
 #   kcat                                    tests/test_kafka_listener.py
 # tests/systemd/install-deps.sh installs what the systemd test needs.
 # Extra PROBE=PACKAGE arguments add to the list (bench/install-peers.sh uses them); a probe
@@ -35,7 +35,6 @@ need pkg-config pkg-config
 need /usr/include/zmq.h libzmq3-dev
 need /usr/sbin/mosquitto mosquitto
 need ip iproute2
-need tc iproute2
 need kcat kcat
 for extra in "$@"; do
     need "${extra%%=*}" "${extra#*=}"
