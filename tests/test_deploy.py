@@ -33,6 +33,7 @@ from ingest.shards import batch as batch_codec
 from ingest.shards.probe import LATENCY_BUCKETS_S
 from tests.kafka_target import Tansu
 from tests.support import FAST_HEARTBEATS, Appliance
+from tests.test_kafka_listener import KAFKA_PORT_OFFSET
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -149,7 +150,8 @@ class Prometheus:
 class Traffic(threading.Thread):
     """Everything the dashboard shows, again every tick, until stopped: PUSHed records
     (keyed, so some are forwarded to the other worker), acked batches at acks=1 and
-    acks=fsync, a fetch, a malformed frame (invalid) and a batch with a broken CRC (a drop)."""
+    acks=fsync, a fetch, a malformed frame (invalid), a batch with a broken CRC (a drop)
+    and a record produced by a Kafka client through the Kafka listener."""
 
     def __init__(self, app: Appliance) -> None:
         super().__init__(name="traffic", daemon=True)
@@ -161,15 +163,21 @@ class Traffic(threading.Thread):
         push = self.app.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(self.app.worker_endpoints(0)[0])
+        kafka = None
         try:
+            from kafka import KafkaProducer  # kafka-python, the `test` extra
+            kafka = KafkaProducer(bootstrap_servers=f"127.0.0.1:{self.app.kafka_port}", acks=1)
             tick = 0
             while not self.halt.wait(TRAFFIC_TICK_S):
                 self.tick(push, tick)
+                kafka.send(TOPIC, b"over kafka %d" % tick, partition=tick % 2).get(timeout=10)
                 tick += 1
         except BaseException as e:  # reported by the test that needs the data
             self.error = e
         finally:
             push.close()
+            if kafka is not None:
+                kafka.close(timeout=5)
 
     def tick(self, push, tick: int) -> None:
         for i in range(20):
@@ -239,7 +247,10 @@ def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("deploy")
     kafka = Tansu(base / "tansu").start()
     kafka.create_topic(TOPIC, 2)
-    app = Appliance(base / "data", workers=2, config_text=FAST_HEARTBEATS + uplink_config(kafka) + PROCESSOR)
+    app = Appliance(base / "data", workers=2)
+    app.kafka_port = app.port + KAFKA_PORT_OFFSET
+    app.config_text = (FAST_HEARTBEATS + uplink_config(kafka) + PROCESSOR
+                       + f"\n[kafka]\nenabled = true\nport = {app.kafka_port}\n")
     prometheus = Prometheus(base / "prometheus", f"127.0.0.1:{app.metrics_port}").start()
     traffic = Traffic(app)
     try:

@@ -69,8 +69,11 @@ class KafkaListener:
         self.sock = socket.create_server((worker.config.server.bind, port), backlog=LISTEN_BACKLOG, reuse_port=False)
         self.sock.setblocking(False)
         worker.poller.register(self.sock.fileno(), zmq.POLLIN)
+        # Every family exists from the start at 0, so rates and alerts see a first sample.
         for reason in ("size", "api_key", "version", "truncated", "malformed"):
             worker.probe.count("kafka_frames_invalid_total", 0, reason=reason)
+        worker.probe.count("kafka_connections_total", 0)
+        worker.probe.count("kafka_connections_refused_total", 0)
         log.info("worker %d: Kafka listener on port %d", worker.worker_id, port)
 
     # ---- events --------------------------------------------------------------------------
