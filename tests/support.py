@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import zmq
@@ -274,3 +275,16 @@ class IdempotentSender:
         if self.stop:
             raise SystemExit  # told to stop mid-send: this batch is simply not acked
         raise AssertionError("batch never acked")
+
+
+@contextmanager
+def small_tmpfs(parent: Path, size_bytes: int):
+    """A tmpfs of size_bytes mounted at parent/small-disk (root), unmounted afterwards:
+    a disk that fills up for real."""
+    mount = parent / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

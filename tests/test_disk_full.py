@@ -2,7 +2,6 @@
 and produce resumes by itself once space is free again."""
 
 import os
-import subprocess
 import time
 
 import pytest
@@ -10,18 +9,15 @@ import pytest
 from ingest.net import wire
 from ingest.net.errors import ErrorCode
 from ingest.shards import batch as batch_codec
-from tests.support import Appliance, create_topic, eventually, fetch_all, metric_value
+from tests.support import Appliance, create_topic, eventually, fetch_all, metric_value, small_tmpfs
 
 TMPFS_BYTES = 6 << 20
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path, TMPFS_BYTES) as mount:
+        yield mount
 
 
 def produce(app, value: bytes):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from ingest.errors import DiskFullError, LogOfflineError
 from ingest.shards import batch as batch_codec
 from ingest.shards.log import Log, LogConfig
+from tests.support import small_tmpfs
 
 TMPFS_BYTES = 1 << 20
 # Small segments of ~6 KiB batches: a roll every five appends.
@@ -35,11 +35,8 @@ FREE_PAGES_TRIED = range(0, 12)
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path, TMPFS_BYTES) as mount:
+        yield mount
 
 
 def leave_free_pages(mount: Path, pages: int) -> Path:

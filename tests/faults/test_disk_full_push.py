@@ -9,7 +9,6 @@ of them are forwarded to the other worker as BATCH frames and meet the full disk
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest
@@ -17,7 +16,7 @@ import zmq
 
 from ingest.net import wire
 from tests.faults.harness import by_mode, settled
-from tests.support import Appliance, create_topic, metric_value
+from tests.support import Appliance, create_topic, metric_value, small_tmpfs
 
 TMPFS_BYTES = 6 << 20
 FREE_FOR_LOG_BYTES = 512 << 10
@@ -32,11 +31,8 @@ COUNTERS_SETTLE_S = 1.0
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path, TMPFS_BYTES) as mount:
+        yield mount
 
 
 def test_push_records_on_a_full_disk_are_stored_or_counted_exactly(small_disk, ledger):

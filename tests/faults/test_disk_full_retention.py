@@ -11,14 +11,13 @@ delete must be readable exactly once at its offset.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest
 
 from ingest.net import wire
 from tests.faults.harness import Verdict, account, by_mode, start_producers, stop_producers, verify_partition
-from tests.support import Appliance, create_topic, eventually
+from tests.support import Appliance, create_topic, eventually, small_tmpfs
 
 TMPFS_BYTES = 6 << 20
 # What the ballast leaves for the log: a few segments' worth.
@@ -39,11 +38,8 @@ retention_ms = 3000
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path, TMPFS_BYTES) as mount:
+        yield mount
 
 
 def test_disk_full_resumes_by_itself_once_retention_frees_space(small_disk, ledger):
